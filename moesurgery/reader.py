@@ -1,0 +1,184 @@
+"""Streaming checkpoint reader: lazy per-tensor access over single-file or sharded safetensors.
+
+Each read opens the shard, copies the tensor (or the requested slice via `get_slice`) and closes it
+again, so no mapping of a whole shard stays resident: memory is bounded by the tensors in hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import BadInputError
+from .lazy import Lazy
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header of one file (8-byte length + JSON), without mapping the data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise BadInputError(f"{path.name}: not a safetensors file (too short)")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > 100_000_000:
+                raise BadInputError(f"{path.name}: not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path.name}: unreadable safetensors header ({e.__class__.__name__})") from e
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path.name}: unreadable safetensors header")
+    return header
+
+
+class TensorInfo:
+    __slots__ = ("key", "file", "shape", "dtype", "nbytes")
+
+    def __init__(self, key: str, file: Path, shape, dtype: torch.dtype, nbytes: int):
+        self.key, self.file, self.shape, self.dtype, self.nbytes = key, file, tuple(shape), dtype, nbytes
+
+
+class CheckpointReader:
+    """Index of every tensor of a checkpoint directory; tensors are read on demand."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files: list[Path] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        index_path = self.directory / INDEX_NAME
+        single = self.directory / SINGLE_NAME
+        if index_path.exists():
+            self._load_index(index_path)
+        elif single.exists():
+            self._scan([single])
+        else:
+            shards = sorted(self.directory.glob("*.safetensors"))
+            if not shards:
+                bins = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+                    p.name for p in self.directory.glob("*.pt*")
+                )
+                if bins:
+                    raise BadInputError(
+                        f"{self.directory}: only pickle checkpoints ({bins[0]}); moesurgery reads "
+                        "safetensors only (pickle files can run code): convert them first"
+                    )
+                raise BadInputError(f"{self.directory}: no safetensors weights found")
+            self._scan(shards)
+
+    # ---- indexing ------------------------------------------------------------------------------
+    def _load_index(self, index_path: Path) -> None:
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except Exception as e:
+            raise BadInputError(f"{index_path.name}: not a valid index (needs a 'weight_map')") from e
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (self.directory / name).exists():
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise BadInputError(f"{INDEX_NAME}: shard {name} (holding {key}) is missing")
+        self._scan([self.directory / name for name in files])
+        for key, name in weight_map.items():
+            info = self.tensors.get(key)
+            if info is None:
+                raise BadInputError(f"{INDEX_NAME}: {key} is listed in {name} but absent from it")
+            if info.file.name != name:
+                raise BadInputError(f"{INDEX_NAME}: {key} is listed in {name} but stored in {info.file.name}")
+        for key, info in self.tensors.items():
+            if key not in weight_map:
+                raise BadInputError(f"{INDEX_NAME}: {key} in {info.file.name} is not listed in the index")
+
+    def _scan(self, files: list[Path]) -> None:
+        for path in files:
+            header = _read_header(path)
+            meta = header.pop("__metadata__", None) or {}
+            if not self.metadata:
+                self.metadata = dict(meta)
+            self.files.append(path)
+            for key, entry in header.items():
+                if key in self.tensors:
+                    raise BadInputError(f"{key} is stored twice: in {self.tensors[key].file.name} and {path.name}")
+                try:
+                    dtype = DTYPES[entry["dtype"]]
+                    begin, end = entry["data_offsets"]
+                    shape = entry["shape"]
+                except KeyError as e:
+                    raise BadInputError(f"{path.name}: tensor {key} has an unsupported or malformed entry") from e
+                self.tensors[key] = TensorInfo(key, path, shape, dtype, end - begin)
+
+    # ---- access --------------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise BadInputError(f"{self.directory.name}: tensor {key} is missing") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.info(key)
+        try:
+            with safe_open(info.file, framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:
+            raise BadInputError(f"{info.file.name}: cannot read tensor {key} ({e})") from e
+
+    def get_ranges(self, key: str, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Read only `ranges` (one (start, stop) per leading dim) of `key` with `get_slice`."""
+        info = self.info(key)
+        sl = tuple(slice(a, b) for a, b in ranges)
+        try:
+            with safe_open(info.file, framework="pt") as f:
+                return f.get_slice(key)[sl]
+        except Exception as e:
+            raise BadInputError(f"{info.file.name}: cannot read tensor {key} ({e})") from e
+
+    def lazy(self, key: str) -> Lazy:
+        info = self.info(key)
+        return Lazy(
+            info.shape,
+            info.dtype,
+            lambda: self.get(key),
+            lambda ranges: self.get_ranges(key, ranges),
+            origin=key,
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dtypes(self) -> dict[str, int]:
+        """bytes per dtype name"""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            name = DTYPE_NAMES.get(t.dtype, str(t.dtype))
+            out[name] = out.get(name, 0) + t.nbytes
+        return out

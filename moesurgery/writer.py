@@ -1,0 +1,225 @@
+"""Streaming sharded safetensors writer.
+
+The whole output is planned first (every tensor's name, shape, dtype and shard), which is also what
+`--dry-run` prints. Each shard's header is written up front, then tensors are materialised one at a
+time and streamed in: memory is one tensor plus the OS write buffer, never a shard.
+The output is built in a temporary sibling directory and renamed into place on success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import BadInputError, UsageError
+from .lazy import Lazy
+from .progress import byte_progress
+from .reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+
+# Files copied from the source next to the weights (tokenizer, chat template, generation config).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+SIDE_GLOBS = ("*.tiktoken", "tokenizer*.model")
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20, '123' -> 123."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise UsageError(f"--max-shard-size: cannot parse {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    value, unit, binary = m.groups()
+    base = 1024 if binary else 1000
+    power = " KMGT".index(unit.upper()) if unit else 0
+    size = int(float(value) * base**power)
+    if size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    return size
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    tensor: Lazy
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> list[Shard]:
+    """Greedy in order: a shard is closed when the next tensor would overflow it."""
+    names = set()
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if t.name in names:
+            raise ValueError(f"duplicate output tensor {t.name}")
+        names.add(t.name)
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    if n == 1:
+        return [Shard(SINGLE_NAME, groups[0])]
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": DTYPE_NAMES[t.tensor.dtype],
+            "shape": list(t.tensor.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str], advance=lambda n: None) -> None:
+    with open(path, "wb") as f:
+        f.write(_header_bytes(tensors, metadata))
+        for t in tensors:
+            value = t.tensor.load()
+            if tuple(value.shape) != t.tensor.shape or value.dtype != t.tensor.dtype:
+                raise RuntimeError(f"{t.name}: planned {t.tensor.shape} {t.tensor.dtype}, got {tuple(value.shape)} {value.dtype}")
+            if value.numel():
+                f.write(_tensor_bytes(value))
+            del value
+            advance(t.nbytes)
+
+
+def write_weights(out_dir: Path, shards: list[Shard], metadata: dict[str, str]) -> None:
+    total = sum(s.nbytes for s in shards)
+    with byte_progress("writing", total) as advance:
+        for shard in shards:
+            write_shard(out_dir / shard.filename, shard.tensors, metadata, advance)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(source: Path, out_dir: Path) -> list[str]:
+    copied = []
+    names = set(SIDE_FILES)
+    for pattern in SIDE_GLOBS:
+        names.update(p.name for p in source.glob(pattern))
+    for name in sorted(names):
+        src = source / name
+        if src.is_file():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def provenance(command: str, source: str) -> dict[str, str]:
+    return {"format": "pt", "moesurgery_version": __version__, "moesurgery_command": command, "moesurgery_source": source}
+
+
+def check_output_path(output: Path, source: Path | None, overwrite: bool) -> None:
+    output = Path(output).absolute()
+    if source is not None:
+        src = Path(source).resolve()
+        out = output.resolve()
+        if out == src or src in out.parents:
+            raise UsageError(f"output {output} is inside the source {src}: choose another directory")
+        if out in src.parents:
+            raise UsageError(f"output {output} contains the source {src}: choose another directory")
+    if output.exists() and not overwrite:
+        raise UsageError(f"output {output} exists: pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} exists and is not a directory")
+
+
+@contextmanager
+def staged_output(output: Path, source: Path | None = None, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces `output`, on failure it is removed."""
+    output = Path(output).absolute()
+    check_output_path(output, source, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".moesurgery-tmp", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            old = output.with_name(f".{output.name}.moesurgery-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(
+    output: Path,
+    tensors: list[PlannedTensor],
+    config: dict,
+    *,
+    source_dir: Path | None = None,
+    source_name: str = "",
+    command: str = "",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> list[Shard]:
+    """Write a whole checkpoint: weights, index, config.json, side files, provenance."""
+    shards = plan_shards(tensors, max_shard_size)
+    meta = provenance(command, source_name)
+    with staged_output(output, source_dir, overwrite) as tmp:
+        write_weights(tmp, shards, meta)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if source_dir is not None:
+            copy_side_files(source_dir, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / "moesurgery.json").write_text(json.dumps({**meta, "shards": len(shards)}, indent=2) + "\n")
+    return shards
