@@ -1,0 +1,168 @@
+"""The canonical form every layout reads into and writes from.
+
+A model is embeddings + decoder layers + final norm + lm head. Each layer keeps its attention
+tensors untouched (keys relative to `model.layers.{L}.`) and describes its FFN either as a dense
+SwiGLU or as an MoE block: router + routed experts + optional shared experts (+ optional gate).
+All tensors are `Lazy`: the canonical form of a 100 GB checkpoint costs kilobytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
+
+from .lazy import Lazy
+
+
+@dataclass
+class SwiGLU:
+    """down(silu(gate x) * up x): a dense FFN, one expert, or the (concatenated) shared experts."""
+
+    gate: Lazy  # [I, H]
+    up: Lazy  # [I, H]
+    down: Lazy  # [H, I]
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        return self.gate.numel + self.up.numel + self.down.numel
+
+
+@dataclass
+class Router:
+    """Which experts a token goes to and with what weight.
+
+    logits = x @ weight.T                                  # [T, E]
+    s = softmax(logits) | sigmoid(logits)                  # fp32 unless softmax_in_model_dtype
+    chosen = top_k(s + bias), restricted to the best `topk_group` of `n_group` groups
+    w = s[chosen] (/ sum if renormalize) * scaling
+    """
+
+    weight: Lazy  # [E, H]
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "top2_sum"
+    bias: Lazy | None = None  # e_score_correction_bias [E]: selection only, fp32
+    softmax_in_model_dtype: bool = False  # deepseek v1 computes softmax in the model dtype
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
+
+
+@dataclass
+class MoE:
+    router: Router
+    experts: list[SwiGLU]
+    shared: SwiGLU | None = None  # always-on experts, concatenated along the width
+    shared_gate: Lazy | None = None  # [1, H]: output += sigmoid(x @ gate.T) * shared(x)
+
+    @property
+    def expert_width(self) -> int:
+        return self.experts[0].width
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared.width if self.shared is not None else 0
+
+
+FFN = Union[SwiGLU, MoE]
+
+
+@dataclass
+class Arch:
+    """Everything but the FFN: embeddings, attention, norms, rope."""
+
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict | None = None  # legacy HF form: {"rope_type": ..., "factor": ...}
+    partial_rotary_factor: float = 1.0
+    tie_word_embeddings: bool = False
+    attention: Literal["gqa", "mla"] = "gqa"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: Literal[None, "head", "full"] = None
+    sliding_window: int | None = None
+    mla: dict = field(default_factory=dict)  # q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim...
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config
+
+    def describe_attention(self) -> str:
+        if self.attention == "mla":
+            return f"MLA ({self.num_heads} heads, kv_lora_rank {self.mla.get('kv_lora_rank')})"
+        kind = "MHA" if self.num_heads == self.num_kv_heads else "GQA"
+        parts = [f"{kind} {self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}"]
+        if self.qkv_bias:
+            parts.append("qkv bias")
+        if self.qk_norm:
+            parts.append(f"qk-norm ({self.qk_norm})")
+        if self.partial_rotary_factor != 1.0:
+            parts.append(f"partial rotary {self.partial_rotary_factor}")
+        if self.sliding_window:
+            parts.append(f"sliding window {self.sliding_window}")
+        return ", ".join(parts)
+
+
+@dataclass
+class Layer:
+    index: int
+    attn: dict[str, Lazy]  # "self_attn.q_proj.weight", "input_layernorm.weight", ... (untouched)
+    ffn: FFN
+
+
+@dataclass
+class Model:
+    family: str
+    arch: Arch
+    embed: Lazy  # [V, H]
+    norm: Lazy  # [H]
+    lm_head: Lazy | None  # [V, H]; None when tied to the embeddings
+    layers: list[Layer]
+    config: dict  # the source config.json, as read
+    extras: dict[str, Lazy] = field(default_factory=dict)  # tensors outside the decoder (e.g. MTP)
+
+    def moe_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def with_layers(self, layers: list[Layer]) -> "Model":
+        return replace(self, layers=layers)
+
+
+def ffn_params(ffn: FFN) -> tuple[int, int]:
+    """(total, active per token) parameters of one FFN, router included."""
+    if isinstance(ffn, SwiGLU):
+        return ffn.num_params, ffn.num_params
+    expert = ffn.experts[0].num_params
+    fixed = ffn.router.weight.numel + (ffn.shared.num_params if ffn.shared else 0)
+    fixed += ffn.shared_gate.numel if ffn.shared_gate is not None else 0
+    return fixed + expert * len(ffn.experts), fixed + expert * ffn.router.top_k
+
+
+def model_params(model: Model) -> tuple[int, int]:
+    """(total, active per token) parameters."""
+    total = model.embed.numel + model.norm.numel + (model.lm_head.numel if model.lm_head is not None else 0)
+    active = total
+    for layer in model.layers:
+        attn = sum(t.numel for t in layer.attn.values())
+        t, a = ffn_params(layer.ffn)
+        total += attn + t
+        active += attn + a
+    return total, active

@@ -1,0 +1,228 @@
+"""The `moesurgery` command line: a thin typer layer over the library.
+
+Exit codes: 0 success, 1 unexpected failure, 2 usage error, 3 bad or unsupported input,
+4 a verification expectation not met. Errors are one `error: ...` line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+try:  # typer >= 0.20 vendors click; older typer raises click's own exceptions
+    from typer._click import exceptions as _tclick
+except ImportError:  # pragma: no cover
+    _tclick = click.exceptions
+_EXIT = tuple({click.exceptions.Exit, getattr(_tclick, "Exit", click.exceptions.Exit)})
+_ABORT = tuple({click.exceptions.Abort, getattr(_tclick, "Abort", click.exceptions.Abort)})
+_CLICK_ERROR = tuple({click.ClickException, _tclick.ClickException})
+_USAGE = tuple({click.UsageError, _tclick.UsageError})
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_UNEXPECTED, EXIT_USAGE, MoeSurgeryError, UsageError
+from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mixture-of-Experts surgery on Hugging Face checkpoints: inspect, convert, split, upcycle, verify, bench.",
+)
+stdout = Console()
+state = {"debug": False}
+
+SourceArg = typer.Argument(..., help="Local checkpoint directory, Hub repo id `org/name[@revision]`, or `tiny:<family>` (built in).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else there.")
+
+
+def emit_json(report: dict) -> None:
+    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def command_line() -> str:
+    return "moesurgery " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def version_callback(value: bool):
+    if value:
+        print(f"moesurgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+):
+    state["debug"] = debug
+
+
+# ------------------------------------------------------------------------------------------ inspect
+@app.command()
+def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
+    """Describe a checkpoint: family, dtypes, size, attention, per-layer FFN, parameters."""
+    from .inspection import inspect_model
+
+    report = inspect_model(source)
+    if json_out:
+        return emit_json(report)
+    a = report["attention"]
+    head = Table.grid(padding=(0, 2))
+    head.add_row("source", report["source"])
+    head.add_row("family", f"{report['model_type']} ({report['architecture']})")
+    head.add_row("size", f"{human_bytes(report['bytes'])} in {report['shards']} shard(s); " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report["dtypes"].items()))
+    head.add_row("shape", f"{report['num_layers']} layers, hidden {report['hidden_size']}, vocab {report['vocab_size']}" + (", tied embeddings" if report["tie_word_embeddings"] else ""))
+    rope = f"rope theta {a['rope_theta']:g}" + (f", scaling {a['rope_scaling'].get('rope_type')}" if a["rope_scaling"] else "")
+    head.add_row("attention", f"{a['summary']}; {rope}")
+    head.add_row("parameters", f"{human_count(report['params_total'])} total, {human_count(report['params_active'])} active per token")
+    stdout.print(head)
+    table = Table(title="FFN per layer")
+    for col in ("layers", "kind", "experts", "top-k", "expert width", "shared width", "router"):
+        table.add_column(col)
+    for first, last, row in _group_layers(report["layers"]):
+        span = str(first) if first == last else f"{first}-{last}"
+        if row["kind"] == "dense":
+            table.add_row(span, "dense", "", "", str(row["dense_width"]), "", "")
+        else:
+            router = row["scoring"] + (" renorm" if row["renormalize"] else "") + (f" x{row['routed_scaling_factor']:g}" if row["routed_scaling_factor"] != 1 else "")
+            router += f" groups {row['topk_group']}/{row['n_group']}" if row["n_group"] > 1 else ""
+            router += " +bias" if row["correction_bias"] else ""
+            shared = str(row["shared_width"] or "") + (" gated" if row["shared_gate"] else "")
+            table.add_row(span, "moe", str(row["num_experts"]), str(row["top_k"]), str(row["expert_width"]), shared, router)
+    stdout.print(table)
+
+
+def _group_layers(layers: list[dict]):
+    """Runs of identical layers: (first, last, row)."""
+    runs = []
+    for row in layers:
+        key = {k: v for k, v in row.items() if k != "index"}
+        if runs and runs[-1][2] == key:
+            runs[-1][1] = row["index"]
+        else:
+            runs.append([row["index"], row["index"], key])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ convert
+@app.command()
+def convert(
+    source: str = SourceArg,
+    output: Path = typer.Argument(..., help="Output directory (built in a temporary sibling, renamed at the end)."),
+    to: str = typer.Option(..., "--to", help="Target layout: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2, deepseek_v3, glm4_moe."),
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Convert even when the target cannot compute the same function."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and print the output; write nothing."),
+    json_out: bool = JsonOpt,
+):
+    """Change a checkpoint's layout without surgery (exact where the math allows)."""
+    from .convert import convert as run_convert
+
+    report = run_convert(
+        source, output, to, allow_lossy=allow_lossy, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
+        dry_run=dry_run, command=command_line(),
+    )
+    if json_out:
+        return emit_json(report)
+    print_conversion(report)
+
+
+def print_conversion(report: dict) -> None:
+    verb = "would write" if report["dry_run"] else "wrote"
+    style = "green" if report["exact"] else "yellow"
+    stdout.print(f"{report['source_layout']} -> {report['target_layout']}: [{style}]{report['verdict']}[/{style}]")
+    for reason in report["lossy_reasons"]:
+        stdout.print(f"  [yellow]lossy:[/yellow] {reason}")
+    for note in report["notes"]:
+        stdout.print(f"  note: {note}")
+    stdout.print(
+        f"{verb} {report['tensors']} tensors ({report['tensors_untouched']} untouched), {human_bytes(report['bytes'])} "
+        f"in {len(report['shards'])} shard(s) to {report['output']}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ planned
+def _not_built(name: str):
+    raise UsageError(f"`moesurgery {name}` is not built yet (see the issue tracker)")
+
+
+@app.command("split-experts", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def split_experts(ctx: typer.Context):
+    """(planned) Split FFNs or experts into fine-grained experts, with shared experts."""
+    _not_built("split-experts")
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def upcycle(ctx: typer.Context):
+    """(planned) Dense -> MoE exact at init; Mixtral -> DeepSeek-style."""
+    _not_built("upcycle")
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def verify(ctx: typer.Context):
+    """(planned) Prove a conversion exact, or measure how lossy it is."""
+    _not_built("verify")
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench(ctx: typer.Context):
+    """(planned) Throughput before and after surgery, against the device roofline."""
+    _not_built("bench")
+
+
+# ------------------------------------------------------------------------------------------ entry
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every failure becomes one `error:` line and a documented exit code."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="moesurgery")
+        return 0
+    except _EXIT as e:
+        return e.exit_code
+    except _ABORT:
+        print("error: aborted", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    except _CLICK_ERROR as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, _USAGE) else e.exit_code
+    except MoeSurgeryError as e:
+        if state["debug"]:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if state["debug"]:
+            traceback.print_exc()
+        print(f"error: unexpected {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Express a canonical model in a target layout, exactly where the math allows.
+
+`express(model, layout)` returns the model rewritten for the layout (same function, new form) plus
+notes on what was changed and the reasons it is NOT exact. Attention that the target cannot host is
+refused outright (BadInputError); router/shared-expert differences are reported as lossy, and the
+caller decides (`--allow-lossy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .canonical import Arch, Layer, Model, MoE, Router, SwiGLU
+from .errors import BadInputError
+from .layouts.base import GQA_ATTN_KEYS, Layout
+from .lazy import Lazy, cat
+
+ZERO_SHARED_WIDTH = 128  # width of the all-zero shared expert a layout that always has one gets
+
+
+@dataclass
+class Expressed:
+    model: Model
+    notes: list[str] = field(default_factory=list)  # exact rewrites worth telling
+    lossy: list[str] = field(default_factory=list)  # reasons the result is not the same function
+
+    @property
+    def exact(self) -> bool:
+        return not self.lossy
+
+
+def is_zero(t: Lazy) -> bool:
+    return not bool(t.load().any())
+
+
+def _once(items: list[str], text: str) -> None:
+    if text not in items:
+        items.append(text)
+
+
+# ---------------------------------------------------------------------------------------- attention
+def express_attention(model: Model, layout: Layout, out: Expressed) -> tuple[Arch, list[Layer]]:
+    arch, name = model.arch, layout.name
+    if model.family == name:
+        return arch, model.layers
+    if arch.attention != layout.attention:
+        raise BadInputError(f"{model.family} has {arch.attention.upper()} attention, {name} needs {layout.attention.upper()}: attention cannot be converted")
+    if arch.attention == "mla":
+        return arch, model.layers
+    if arch.qk_norm not in layout.qk_norms:
+        have = f"qk-norm over {'each head' if arch.qk_norm == 'head' else 'the whole projection'}" if arch.qk_norm else "no qk-norm"
+        raise BadInputError(f"{model.family} attention has {have}; {name} attention cannot host it")
+    if arch.partial_rotary_factor != 1.0 and not layout.partial_rotary:
+        raise BadInputError(f"{model.family} uses partial rotary ({arch.partial_rotary_factor}); {name} rotates the whole head")
+    arch = replace(arch)
+    if arch.sliding_window and arch.sliding_window < arch.max_position_embeddings and not layout.sliding_window:
+        _once(out.lossy, f"{name} has no sliding window: attention differs beyond {arch.sliding_window} tokens")
+        arch.sliding_window = None
+    if not layout.sliding_window:
+        arch.sliding_window = None
+    layers = []
+    for layer in model.layers:
+        attn = dict(layer.attn)
+        unknown = sorted(set(attn) - GQA_ATTN_KEYS)
+        if unknown:
+            raise BadInputError(f"model.layers.{layer.index}.{unknown[0]}: attention tensor {name} cannot hold")
+        q = attn["self_attn.q_proj.weight"]
+        dtype = q.dtype
+        bias_shapes = {
+            "q": arch.num_heads * arch.head_dim,
+            "k": arch.num_kv_heads * arch.head_dim,
+            "v": arch.num_kv_heads * arch.head_dim,
+            "o": arch.hidden_size,
+        }
+        wanted = {"never": "", "always": "qkv", "optional": "qkv" if arch.qkv_bias else "", "with_o": "qkvo" if (arch.qkv_bias or arch.o_bias) else ""}[layout.qkv_bias]
+        for p in "qkvo":
+            key = f"self_attn.{p}_proj.bias"
+            if p in wanted and key not in attn:
+                attn[key] = Lazy.zeros((bias_shapes[p],), dtype)
+            elif p not in wanted and key in attn:
+                if not is_zero(attn[key]):
+                    raise BadInputError(f"model.layers.{layer.index}.{key} is non-zero and {name} attention has no such bias")
+                del attn[key]
+        layers.append(replace(layer, attn=attn))
+    arch.qkv_bias = "q" in wanted
+    arch.o_bias = "o" in wanted
+    return arch, layers
+
+
+# ---------------------------------------------------------------------------------------- router
+def express_router(r: Router, layout: Layout, out: Expressed, experts: list[SwiGLU]) -> tuple[Router, list[SwiGLU]]:
+    name = layout.name
+    new = replace(r, softmax_in_model_dtype=layout.softmax_in_model_dtype)
+    plain_top1 = r.top_k == 1 and r.renormalize and r.bias is None and not r.grouped
+    if r.scoring not in layout.scorings:
+        new.scoring = layout.scorings[0]
+        if not plain_top1:
+            _once(out.lossy, f"{name} routes with {new.scoring}, the source with {r.scoring}: routing weights differ")
+    # renormalisation
+    renorm_ok = {
+        "always": r.renormalize,
+        "never": not r.renormalize,
+        "config": True,
+        "config_k>1": r.top_k > 1 or not r.renormalize,
+    }[layout.renorm]
+    if not renorm_ok:
+        _once(out.lossy, f"{name} cannot {'renormalise' if r.renormalize else 'skip renormalising'} top-{r.top_k} weights as the source does")
+        new.renormalize = {"always": True, "never": False}.get(layout.renorm, False)
+    if layout.renorm == "config_k>1" and r.top_k == 1:
+        new.renormalize = False
+    # groups
+    if r.grouped and layout.group_score != r.group_score:
+        _once(out.lossy, f"{name} cannot express group-limited routing ({r.topk_group} of {r.n_group} groups, {r.group_score})")
+    if not (r.grouped and layout.group_score == r.group_score):
+        new.n_group = new.topk_group = 1
+    # selection bias
+    if r.bias is not None and not layout.has_bias:
+        if not is_zero(r.bias):
+            _once(out.lossy, f"{name} has no e_score_correction_bias: expert selection differs")
+        new.bias = None
+    # scaling: folded into the experts when the layout has no factor
+    if r.scaling != 1.0 and not layout.scaling:
+        experts = [replace(e, down=e.down.scale(r.scaling)) for e in experts]
+        _once(out.notes, f"routed_scaling_factor {r.scaling} folded into the experts' down_proj")
+        new.scaling = 1.0
+    return new, experts
+
+
+# ---------------------------------------------------------------------------------------- shared
+def zero_swiglu(width: int, hidden: int, dtype: torch.dtype) -> SwiGLU:
+    return SwiGLU(Lazy.zeros((width, hidden), dtype), Lazy.zeros((width, hidden), dtype), Lazy.zeros((hidden, width), dtype))
+
+
+def pad_width(ffn: SwiGLU, width: int) -> SwiGLU:
+    """Add zero neurons up to `width`: silu(0) * 0 contributes nothing, so this is exact."""
+    extra = width - ffn.width
+    if extra == 0:
+        return ffn
+    H, dtype = ffn.gate.shape[1], ffn.gate.dtype
+    z = zero_swiglu(extra, H, dtype)
+    return SwiGLU(cat([ffn.gate, z.gate]), cat([ffn.up, z.up]), cat([ffn.down, z.down], dim=1))
+
+
+def express_shared(moe: MoE, layout: Layout, out: Expressed) -> tuple[SwiGLU | None, Lazy | None]:
+    shared, gate, name = moe.shared, moe.shared_gate, layout.name
+    H = moe.router.weight.shape[1]
+    dtype = moe.experts[0].gate.dtype
+    if gate is not None and layout.shared != "gated":
+        if is_zero(gate):  # sigmoid(0) = 1/2 exactly
+            shared = replace(shared, down=shared.down.scale(0.5))
+            _once(out.notes, "zero shared_expert_gate (a constant 1/2) folded into the shared down_proj")
+        elif all(is_zero(t) for t in (shared.gate, shared.up)) or is_zero(shared.down):
+            shared = None
+        else:
+            _once(out.lossy, f"{name} has no gate on its shared experts: the source's sigmoid gate is dropped")
+        gate = None
+    if shared is not None and layout.shared is None:
+        if not (is_zero(shared.down) or all(is_zero(t) for t in (shared.gate, shared.up))):
+            _once(out.lossy, f"{name} has no shared experts: the source's shared expert is dropped")
+        return None, None
+    if layout.shared == "gated":
+        if shared is None:
+            _once(out.notes, f"{name} always has a shared expert: written as zeros")
+            width = min(ZERO_SHARED_WIDTH, moe.expert_width)
+            return zero_swiglu(width, H, dtype), Lazy.zeros((1, H), dtype)
+        if gate is None:  # ungated -> sigmoid(0) * 2 = 1 exactly
+            _once(out.notes, "ungated shared experts written with a zero shared_expert_gate and down_proj x2")
+            return replace(shared, down=shared.down.scale(2.0)), Lazy.zeros((1, H), dtype)
+        return shared, gate
+    if layout.shared == "multiple" and shared is not None:
+        width = -(-shared.width // moe.expert_width) * moe.expert_width
+        if width != shared.width:
+            _once(out.notes, f"shared experts padded with zero neurons to a multiple of the expert width ({shared.width} -> {width})")
+        return pad_width(shared, width), None
+    return shared, gate
+
+
+# ---------------------------------------------------------------------------------------- model
+def express(model: Model, layout: Layout) -> Expressed:
+    out = Expressed(model)
+    name = layout.name
+    moe_layers = [l for l in model.layers if isinstance(l.ffn, MoE)]
+    dense_layers = [l for l in model.layers if isinstance(l.ffn, SwiGLU)]
+    if not layout.moe and moe_layers:
+        raise BadInputError(f"{name} is a dense layout: it cannot hold the MoE layers of {model.family} (layer {moe_layers[0].index})")
+    if layout.moe and not moe_layers:
+        raise BadInputError(f"{model.family} is dense: use `split-experts` or `upcycle` to make an MoE, not `convert --to {name}`")
+    if dense_layers and layout.dense_layers == "none":
+        raise BadInputError(f"{name} has no dense layers: layer {dense_layers[0].index} of {model.family} is dense")
+    if dense_layers and layout.dense_layers == "prefix":
+        first = [l.index for l in dense_layers]
+        if first != list(range(len(first))):
+            raise BadInputError(f"{name} can only have dense layers first (first_k_dense_replace); dense layers are {first}")
+    widths = {l.ffn.width for l in dense_layers}
+    if len(widths) > 1:
+        raise BadInputError(f"dense layers have different widths {sorted(widths)}: {name} has one intermediate_size")
+    shapes = {(len(l.ffn.experts), l.ffn.router.top_k, l.ffn.expert_width) for l in moe_layers}
+    if len(shapes) > 1:
+        raise BadInputError(f"MoE layers differ in (experts, top-k, width) {sorted(shapes)}: {name} has one of each")
+
+    arch, layers = express_attention(model, layout, out)
+    if model.family != name:
+        new_layers = []
+        for layer in layers:
+            if isinstance(layer.ffn, MoE):
+                router, experts = express_router(layer.ffn.router, layout, out, layer.ffn.experts)
+                shared, gate = express_shared(layer.ffn, layout, out)
+                layer = replace(layer, ffn=MoE(router, experts, shared, gate))
+            new_layers.append(layer)
+        layers = new_layers
+        extras = {}
+        if model.extras:
+            _once(out.notes, f"{len(model.extras)} tensors outside the decoder (e.g. {next(iter(model.extras))}) are not carried to {name}")
+    else:
+        extras = model.extras
+    out.model = replace(model, family=model.family, arch=arch, layers=layers, extras=extras)
+    # one router config for all layers
+    routers = {(l.ffn.router.scoring, l.ffn.router.renormalize, l.ffn.router.scaling, l.ffn.router.n_group, l.ffn.router.topk_group) for l in out.model.layers if isinstance(l.ffn, MoE)}
+    if len(routers) > 1:
+        raise BadInputError(f"MoE layers differ in router settings: {name} has one router config")
+    shared_widths = {l.ffn.shared_width for l in out.model.layers if isinstance(l.ffn, MoE)}
+    if len(shared_widths) > 1:
+        raise BadInputError(f"MoE layers differ in shared-expert width {sorted(shared_widths)}")
+    return out

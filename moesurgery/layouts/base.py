@@ -1,0 +1,297 @@
+"""What every layout shares: reading a config + checkpoint into the canonical form and back.
+
+A family module subclasses `Layout`, declares its keys and what its config can express
+(capabilities), and writes its own config fields. The generic read/write here covers the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..canonical import Arch, Layer, Model, MoE, Router, SwiGLU
+from ..errors import BadInputError
+from ..lazy import Lazy
+from ..reader import CheckpointReader
+from ..writer import PlannedTensor
+
+# Attention keys (relative to model.layers.{L}.) a GQA layout can host.
+GQA_ATTN_KEYS = {
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+PROJ = ("gate", "up", "down")
+
+
+def need(cfg: dict, key: str, family: str):
+    if cfg.get(key) is None:
+        raise BadInputError(f"config.json: {family} config has no '{key}'")
+    return cfg[key]
+
+
+def read_rope(cfg: dict, default_theta: float, default_partial: float) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling in legacy form or None, partial_rotary_factor) from either config style."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        params = dict(params)
+        theta = float(params.pop("rope_theta"))
+        partial = float(params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial)))
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return theta, scaling, partial
+    theta = float(cfg.get("rope_theta") or default_theta)
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+    partial = float(cfg.get("partial_rotary_factor", default_partial) or default_partial)
+    return theta, scaling or None, partial
+
+
+@dataclass
+class MoESpec:
+    """The MoE fields of a config: one value for all MoE layers."""
+
+    num_experts: int
+    top_k: int
+    expert_width: int
+    shared_width: int
+    router: Router  # with a placeholder weight; per layer it is replaced
+
+
+class Layout:
+    # identity
+    name: str = ""
+    architecture: str = ""
+    # keys
+    ffn_prefix: str = "mlp"
+    router_key: str = "gate.weight"
+    bias_key: str | None = None
+    expert_key: str = "experts.{j}.{proj}_proj.weight"
+    expert_proj: dict = {"gate": "gate", "up": "up", "down": "down"}
+    shared_key: str | None = None  # "shared_expert" | "shared_experts"
+    shared_gate_key: str | None = None
+    # capabilities: what the config can express
+    moe: bool = False
+    attention: str = "gqa"
+    qkv_bias: str = "never"  # never | always | optional | with_o (llama: q,k,v,o together)
+    qk_norms: tuple = (None,)  # which qk-norm kinds it can host
+    sliding_window: bool = False
+    partial_rotary: bool = False
+    scorings: tuple = ("softmax",)
+    renorm: str = "config"  # always | config | never | config_k>1
+    scaling: bool = False
+    group_score: str | None = None  # None | max | top2_sum
+    has_bias: bool = False
+    shared: str | None = None  # None | gated | multiple
+    dense_layers: str = "all"  # all (dense model) | none | prefix | any
+    softmax_in_model_dtype: bool = False
+    default_rope_theta: float = 10000.0
+    default_partial_rotary: float = 1.0
+
+    # ---------------------------------------------------------------- config -> canonical
+    def read_arch(self, cfg: dict) -> Arch:
+        f = self.name
+        hidden = int(need(cfg, "hidden_size", f))
+        heads = int(need(cfg, "num_attention_heads", f))
+        theta, scaling, partial = read_rope(cfg, self.default_rope_theta, self.default_partial_rotary)
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range") if k in cfg}
+        return Arch(
+            hidden_size=hidden,
+            vocab_size=int(need(cfg, "vocab_size", f)),
+            num_layers=int(need(cfg, "num_hidden_layers", f)),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=partial,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention=self.attention,
+            qkv_bias=self.read_qkv_bias(cfg),
+            o_bias=self.qkv_bias == "with_o" and bool(cfg.get("attention_bias", False)),
+            qk_norm=self.read_qk_norm(cfg),
+            sliding_window=self.read_sliding_window(cfg),
+            dtype=str(dtype),
+            extra=extra,
+        )
+
+    def read_qkv_bias(self, cfg: dict) -> bool:
+        if self.qkv_bias == "always":
+            return True
+        if self.qkv_bias in ("optional", "with_o"):
+            return bool(cfg.get("attention_bias", False))
+        return False
+
+    def read_qk_norm(self, cfg: dict):
+        return self.qk_norms[0]
+
+    def read_sliding_window(self, cfg: dict) -> int | None:
+        return None
+
+    def is_moe_layer(self, cfg: dict, index: int) -> bool:
+        return False
+
+    def read_moe_spec(self, cfg: dict) -> MoESpec:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- checkpoint -> canonical
+    def read(self, cfg: dict, reader: CheckpointReader) -> Model:
+        arch = self.read_arch(cfg)
+        spec = self.read_moe_spec(cfg) if self.moe else None
+        claimed: set[str] = set()
+
+        def take(key: str) -> Lazy:
+            claimed.add(key)
+            return reader.lazy(key)
+
+        embed = take("model.embed_tokens.weight")
+        norm = take("model.norm.weight")
+        lm_head = None
+        if not arch.tie_word_embeddings or "lm_head.weight" in reader:
+            if "lm_head.weight" in reader or not arch.tie_word_embeddings:
+                lm_head = take("lm_head.weight")
+        layers = []
+        by_layer: dict[int, list[str]] = {}
+        pattern = re.compile(r"model\.layers\.(\d+)\.(.+)")
+        for key in reader.keys():
+            m = pattern.fullmatch(key)
+            if m:
+                by_layer.setdefault(int(m.group(1)), []).append(m.group(2))
+        for index in range(arch.num_layers):
+            prefix = f"model.layers.{index}."
+            rels = by_layer.get(index, [])
+            if not rels:
+                raise BadInputError(f"checkpoint has no tensors for layer {index} (config says {arch.num_layers} layers)")
+            attn = {r: take(prefix + r) for r in rels if not r.startswith(self.ffn_prefix + ".") and not r.endswith(IGNORED_SUFFIXES)}
+            if self.moe and self.is_moe_layer(cfg, index):
+                ffn = self.read_moe(reader, prefix + self.ffn_prefix + ".", spec, take)
+            else:
+                ffn = self.read_dense(prefix + self.ffn_prefix + ".", take)
+            for r in rels:
+                if r.startswith(self.ffn_prefix + ".") and prefix + r not in claimed:
+                    raise BadInputError(f"unexpected tensor {prefix + r} for a {self.name} {'MoE' if isinstance(ffn, MoE) else 'dense'} layer")
+            layers.append(Layer(index, attn, ffn))
+        extras = {k: reader.lazy(k) for k in reader.keys() if k not in claimed and not k.endswith(IGNORED_SUFFIXES)}
+        model = Model(self.name, arch, embed, norm, lm_head, layers, dict(cfg), extras)
+        self.validate(model)
+        return model
+
+    def read_dense(self, prefix: str, take) -> SwiGLU:
+        return SwiGLU(*(take(f"{prefix}{p}_proj.weight") for p in PROJ))
+
+    def read_expert(self, prefix: str, j: int, take) -> SwiGLU:
+        return SwiGLU(*(take(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p])) for p in PROJ))
+
+    def read_moe(self, reader: CheckpointReader, prefix: str, spec: MoESpec, take) -> MoE:
+        router_weight = take(prefix + self.router_key)
+        bias = take(prefix + self.bias_key) if self.bias_key and prefix + self.bias_key in reader else None
+        router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias})
+        experts = [self.read_expert(prefix, j, take) for j in range(spec.num_experts)]
+        shared = shared_gate = None
+        if self.shared_key and spec.shared_width:
+            shared = self.read_dense(f"{prefix}{self.shared_key}.", take)
+        if self.shared_gate_key and shared is not None:
+            shared_gate = take(prefix + self.shared_gate_key)
+        return MoE(router, experts, shared, shared_gate)
+
+    def validate(self, model: Model) -> None:
+        """Shapes agree with the config: errors name the tensor."""
+        H = model.arch.hidden_size
+
+        def check(t: Lazy, shape: tuple, what: str):
+            if t.shape != tuple(shape):
+                raise BadInputError(f"{t.origin or what}: shape {list(t.shape)}, expected {list(shape)} from config.json")
+
+        check(model.embed, (model.arch.vocab_size, H), "embeddings")
+        for layer in model.layers:
+            ffns = [layer.ffn] if isinstance(layer.ffn, SwiGLU) else layer.ffn.experts + ([layer.ffn.shared] if layer.ffn.shared else [])
+            if isinstance(layer.ffn, MoE):
+                check(layer.ffn.router.weight, (len(layer.ffn.experts), H), "router")
+            for f in ffns:
+                check(f.gate, (f.width, H), "gate_proj")
+                check(f.up, (f.width, H), "up_proj")
+                check(f.down, (H, f.width), "down_proj")
+
+    # ---------------------------------------------------------------- canonical -> checkpoint
+    def tensors(self, model: Model) -> list[PlannedTensor]:
+        out = [PlannedTensor("model.embed_tokens.weight", model.embed)]
+        for layer in model.layers:
+            prefix = f"model.layers.{layer.index}."
+            out += [PlannedTensor(prefix + k, v) for k, v in layer.attn.items()]
+            ffn_prefix = prefix + self.ffn_prefix + "."
+            if isinstance(layer.ffn, SwiGLU):
+                out += self.swiglu_tensors(ffn_prefix, layer.ffn)
+            else:
+                out += self.moe_tensors(ffn_prefix, layer.ffn)
+        out.append(PlannedTensor("model.norm.weight", model.norm))
+        if model.lm_head is not None:
+            out.append(PlannedTensor("lm_head.weight", model.lm_head))
+        out += [PlannedTensor(k, v) for k, v in model.extras.items()]
+        return out
+
+    def swiglu_tensors(self, prefix: str, ffn: SwiGLU) -> list[PlannedTensor]:
+        return [PlannedTensor(f"{prefix}{p}_proj.weight", getattr(ffn, p)) for p in PROJ]
+
+    def moe_tensors(self, prefix: str, moe: MoE) -> list[PlannedTensor]:
+        out = [PlannedTensor(prefix + self.router_key, moe.router.weight)]
+        if self.bias_key:
+            bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), __import__("torch").float32)
+            out.append(PlannedTensor(prefix + self.bias_key, bias))
+        for j, e in enumerate(moe.experts):
+            out += [PlannedTensor(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p]), getattr(e, p)) for p in PROJ]
+        if moe.shared is not None:
+            out += self.swiglu_tensors(f"{prefix}{self.shared_key}.", moe.shared)
+        if moe.shared_gate is not None:
+            out.append(PlannedTensor(prefix + self.shared_gate_key, moe.shared_gate))
+        return out
+
+    # config --------------------------------------------------------------------------------
+    def write_config(self, model: Model) -> dict:
+        """The target config.json. Same family: the source config with the FFN fields updated."""
+        if model.family == self.name:
+            cfg = dict(model.config)
+        else:
+            cfg = self.base_config(model.arch)
+        cfg.update(self.ffn_config(model))
+        cfg["architectures"] = [self.architecture]
+        cfg["model_type"] = self.name
+        return cfg
+
+    def base_config(self, arch: Arch) -> dict:
+        cfg = {
+            "vocab_size": arch.vocab_size,
+            "hidden_size": arch.hidden_size,
+            "num_hidden_layers": arch.num_layers,
+            "num_attention_heads": arch.num_heads,
+            "num_key_value_heads": arch.num_kv_heads,
+            "head_dim": arch.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": arch.max_position_embeddings,
+            "rms_norm_eps": arch.rms_norm_eps,
+            "rope_theta": arch.rope_theta,
+            "rope_scaling": arch.rope_scaling,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "torch_dtype": arch.dtype,
+            **arch.extra,
+        }
+        cfg.update(self.attention_config(arch))
+        return cfg
+
+    def attention_config(self, arch: Arch) -> dict:
+        return {}
+
+    def ffn_config(self, model: Model) -> dict:
+        dense = [l.ffn for l in model.layers if isinstance(l.ffn, SwiGLU)]
+        return {"intermediate_size": dense[0].width} if dense else {}

@@ -1,0 +1,50 @@
+"""DeepSeek-V3: MLA attention; sigmoid router with e_score_correction_bias for selection,
+group-limited (group score = sum of top-2), optional renormalisation, routed_scaling_factor."""
+
+import torch
+
+from ..canonical import Router
+from ..lazy import Lazy
+from .base import MoESpec
+from .deepseek import DeepseekFamily
+from .deepseek_v2 import MLAMixin
+
+
+class SigmoidRouterMixin:
+    bias_key = "gate.e_score_correction_bias"
+    scorings = ("sigmoid",)
+    renorm = "config"
+    scaling = True
+    group_score = "top2_sum"
+    has_bias = True
+
+    def read_moe_spec(self, cfg):
+        E, k, width, shared = self.spec_fields(cfg)
+        router = Router(
+            Lazy.zeros((E, 1), torch.float32), k, "sigmoid", bool(cfg.get("norm_topk_prob", True)),
+            float(cfg.get("routed_scaling_factor", 1.0)), int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1),
+            "top2_sum",
+        )
+        return MoESpec(E, k, width, shared, router)
+
+    def ffn_config(self, model):
+        router = model.moe_layers()[0].ffn.router
+        cfg = self.moe_common_config(model)
+        cfg.update(
+            routed_scaling_factor=router.scaling,
+            n_group=router.n_group,
+            topk_group=router.topk_group,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+        )
+        if model.family != self.name:
+            cfg["num_nextn_predict_layers"] = 0
+        return cfg
+
+
+class DeepseekV3(MLAMixin, SigmoidRouterMixin, DeepseekFamily):
+    name = "deepseek_v3"
+    architecture = "DeepseekV3ForCausalLM"
+
+
+LAYOUT = DeepseekV3()

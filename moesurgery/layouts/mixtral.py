@@ -1,0 +1,48 @@
+"""Mixtral: every layer MoE, `block_sparse_moe.experts.{j}.w1/w3/w2`, softmax top-k renormalised."""
+
+from ..canonical import Router
+from ..lazy import Lazy
+from .base import Layout, MoESpec, need
+import torch
+
+
+class Mixtral(Layout):
+    name = "mixtral"
+    architecture = "MixtralForCausalLM"
+    ffn_prefix = "block_sparse_moe"
+    expert_key = "experts.{j}.{proj}.weight"
+    expert_proj = {"gate": "w1", "up": "w3", "down": "w2"}
+    moe = True
+    sliding_window = True
+    renorm = "always"
+    dense_layers = "none"
+    default_rope_theta = 1e6
+
+    def read_sliding_window(self, cfg):
+        return cfg.get("sliding_window") or None
+
+    def is_moe_layer(self, cfg, index):
+        return True
+
+    def read_moe_spec(self, cfg):
+        E = int(need(cfg, "num_local_experts", self.name))
+        k = int(need(cfg, "num_experts_per_tok", self.name))
+        placeholder = Lazy.zeros((E, 1), torch.float32)
+        return MoESpec(E, k, int(need(cfg, "intermediate_size", self.name)), 0, Router(placeholder, k, "softmax", True))
+
+    def attention_config(self, arch):
+        return {"sliding_window": arch.sliding_window}
+
+    def ffn_config(self, model):
+        moe = model.moe_layers()[0].ffn
+        return {
+            "num_local_experts": len(moe.experts),
+            "num_experts_per_tok": moe.router.top_k,
+            "intermediate_size": moe.expert_width,
+            "output_router_logits": False,
+            "router_jitter_noise": 0.0,
+            "router_aux_loss_coef": model.config.get("router_aux_loss_coef", 0.02),
+        }
+
+
+LAYOUT = Mixtral()

@@ -1,0 +1,42 @@
+"""OLMoE: q/k RMSNorm over the whole projection (`q_norm [H]`, `k_norm [kv*hd]`), every layer MoE."""
+
+import torch
+
+from ..canonical import Router
+from ..lazy import Lazy
+from .base import Layout, MoESpec, need
+
+
+class Olmoe(Layout):
+    name = "olmoe"
+    architecture = "OlmoeForCausalLM"
+    moe = True
+    qkv_bias = "with_o"
+    qk_norms = ("full",)
+    dense_layers = "none"
+
+    def is_moe_layer(self, cfg, index):
+        return True
+
+    def read_moe_spec(self, cfg):
+        E = int(need(cfg, "num_experts", self.name))
+        k = int(need(cfg, "num_experts_per_tok", self.name))
+        renorm = bool(cfg.get("norm_topk_prob", False))
+        width = int(need(cfg, "intermediate_size", self.name))
+        return MoESpec(E, k, width, 0, Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm))
+
+    def attention_config(self, arch):
+        return {"attention_bias": arch.qkv_bias or arch.o_bias, "clip_qkv": None}
+
+    def ffn_config(self, model):
+        moe = model.moe_layers()[0].ffn
+        return {
+            "num_experts": len(moe.experts),
+            "num_experts_per_tok": moe.router.top_k,
+            "intermediate_size": moe.expert_width,
+            "norm_topk_prob": moe.router.renormalize,
+            "output_router_logits": False,
+        }
+
+
+LAYOUT = Olmoe()

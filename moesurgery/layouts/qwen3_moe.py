@@ -1,0 +1,41 @@
+"""Qwen3-MoE: qwen3 attention (per-head q/k norm), routed experts only, optional dense layers."""
+
+import torch
+
+from ..canonical import Router
+from ..lazy import Lazy
+from .base import Layout, MoESpec, need
+from .dense import qwen_sliding_config, qwen_sliding_window
+from .qwen2_moe import qwen_moe_config, qwen_moe_layer
+
+
+class Qwen3Moe(Layout):
+    name = "qwen3_moe"
+    architecture = "Qwen3MoeForCausalLM"
+    moe = True
+    qkv_bias = "with_o"
+    qk_norms = ("head",)
+    sliding_window = True
+    dense_layers = "any"
+
+    def read_sliding_window(self, cfg):
+        return qwen_sliding_window(cfg, self.name)
+
+    def is_moe_layer(self, cfg, index):
+        return qwen_moe_layer(cfg, index)
+
+    def read_moe_spec(self, cfg):
+        E = int(cfg.get("num_experts") or need(cfg, "num_local_experts", self.name))
+        k = int(need(cfg, "num_experts_per_tok", self.name))
+        renorm = bool(cfg.get("norm_topk_prob", False))
+        width = int(need(cfg, "moe_intermediate_size", self.name))
+        return MoESpec(E, k, width, 0, Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm))
+
+    def attention_config(self, arch):
+        return {"attention_bias": arch.qkv_bias or arch.o_bias, **qwen_sliding_config(arch)}
+
+    def ffn_config(self, model):
+        return qwen_moe_config(model)
+
+
+LAYOUT = Qwen3Moe()

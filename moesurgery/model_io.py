@@ -1,0 +1,84 @@
+"""Open a source (local dir or hub id) as a canonical Model, and write a Model as a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .canonical import Model
+from .errors import BadInputError
+from .layouts import Layout, layout_for_config
+from .reader import CheckpointReader
+from .source import ResolvedSource, resolve_source
+from .writer import DEFAULT_MAX_SHARD_SIZE, Shard, plan_shards, write_checkpoint
+
+
+@dataclass
+class Opened:
+    source: ResolvedSource
+    reader: CheckpointReader
+    config: dict
+    layout: Layout
+    model: Model
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{directory}: no config.json") from None
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BadInputError(f"{path}: not a JSON object")
+    return cfg
+
+
+def resolve(spec: str | Path) -> ResolvedSource:
+    """resolve_source, plus the built-in `tiny:<family>` checkpoints."""
+    if isinstance(spec, str) and spec.startswith("tiny:"):
+        from .tiny import ensure_tiny
+
+        return ResolvedSource(ensure_tiny(spec[5:]), spec)
+    return resolve_source(spec)
+
+
+def open_model(spec: str | Path) -> Opened:
+    source = resolve(spec)
+    cfg = read_config(source.path)
+    layout = layout_for_config(cfg)
+    reader = CheckpointReader(source.path)
+    try:
+        model = layout.read(cfg, reader)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInputError(f"config.json: cannot read a {layout.name} config ({e.__class__.__name__}: {e})") from e
+    return Opened(source, reader, cfg, layout, model)
+
+
+def plan_output(model: Model, layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> tuple[dict, list[Shard]]:
+    """(config, shards) of `model` written in `layout`: the whole output, planned, nothing read."""
+    return layout.write_config(model), plan_shards(layout.tensors(model), max_shard_size)
+
+
+def save_model(
+    model: Model,
+    layout: Layout,
+    output: Path,
+    *,
+    source: ResolvedSource | None,
+    command: str,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> list[Shard]:
+    return write_checkpoint(
+        Path(output),
+        layout.tensors(model),
+        layout.write_config(model),
+        source_dir=source.path if source else None,
+        source_name=source.name if source else "",
+        command=command,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
