@@ -76,6 +76,8 @@ class Deepseek(DeepseekFamily):
             seq_aux=True,
             auto_map=AUTO_MAP,
         )
+        if not cfg["n_shared_experts"]:
+            cfg["n_shared_experts"] = None  # DeepSeek's remote code (and vLLM) build shared experts iff not None
         return cfg
 
 

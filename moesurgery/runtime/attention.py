@@ -1,0 +1,77 @@
+"""GQA attention (Llama, Mistral, Qwen2/3, Mixtral, OLMoE, GLM-4.5, DeepSeek v1) from canonical Arch.
+
+Matches transformers' eager attention: q/k/v projections (+bias), optional qk RMSNorm (per head or
+over the whole projection), rotary on the first `rot` dims, causal (optionally sliding) mask,
+softmax in fp32, o projection (+bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..canonical import Arch
+from .rope import apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in fp32, cast back, then scale."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Tq, Tk] bool, True where attending is allowed."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window:
+        allowed &= diff < window
+    return allowed
+
+
+def _linear(x, w, prefix):
+    return F.linear(x, w[prefix + ".weight"], w.get(prefix + ".bias"))
+
+
+def gqa_attention(
+    x: torch.Tensor,  # [B, T, H]
+    w: dict[str, torch.Tensor],  # keys relative to the layer: "self_attn.q_proj.weight", ...
+    arch: Arch,
+    cos: torch.Tensor,  # [T, rot]
+    sin: torch.Tensor,
+    positions: torch.Tensor,  # [T]
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    B, T, _ = x.shape
+    h, kv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    q = _linear(x, w, "self_attn.q_proj")  # [B, T, h*d]
+    k = _linear(x, w, "self_attn.k_proj")  # [B, T, kv*d]
+    v = _linear(x, w, "self_attn.v_proj")
+    if arch.qk_norm == "full":
+        q = rms_norm(q, w["self_attn.q_norm.weight"], arch.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], arch.rms_norm_eps)
+    q = q.view(B, T, h, d)
+    k = k.view(B, T, kv, d)
+    if arch.qk_norm == "head":
+        q = rms_norm(q, w["self_attn.q_norm.weight"], arch.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], arch.rms_norm_eps)
+    q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, h, T, d]
+    k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kv, T, d]
+    v = v.view(B, T, kv, d).transpose(1, 2)
+    if cache is not None:
+        k = torch.cat([cache[0], k], dim=2)
+        v = torch.cat([cache[1], v], dim=2)
+    new_cache = (k, v)
+    S = k.shape[2]
+    k_pos = torch.arange(S, device=x.device) + (positions[0] - (S - T))
+    mask = causal_mask(positions, k_pos, arch.sliding_window)  # [T, S]
+    if h != kv:
+        k = k.repeat_interleave(h // kv, dim=1)
+        v = v.repeat_interleave(h // kv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, h, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    out = (probs @ v).transpose(1, 2).reshape(B, T, h * d)
+    return _linear(out, w, "self_attn.o_proj"), new_cache

@@ -1,0 +1,143 @@
+"""Forward pass of any canonical Model, streaming one decoder layer at a time.
+
+Each layer's tensors are read from the checkpoint, used and freed, so memory is one layer plus
+activations: a model larger than memory runs. Pure torch, no transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..canonical import FFN, Layer, Model, MoE, SwiGLU
+from ..lazy import Lazy
+from .attention import gqa_attention, rms_norm
+from .moe import MoEWeights, SwiGLUWeights, moe_forward
+from .rope import cos_sin
+
+FFNWeights = SwiGLUWeights | MoEWeights
+
+
+@dataclass
+class LoadedLayer:
+    index: int
+    attn: dict[str, torch.Tensor]
+    ffn: FFNWeights
+
+
+def _load(t: Lazy, device, dtype) -> torch.Tensor:
+    return t.load().to(device=device, dtype=dtype)
+
+
+def load_swiglu(f: SwiGLU, device, dtype) -> SwiGLUWeights:
+    return SwiGLUWeights(_load(f.gate, device, dtype), _load(f.up, device, dtype), _load(f.down, device, dtype))
+
+
+def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
+    if isinstance(ffn, SwiGLU):
+        return load_swiglu(ffn, device, dtype)
+    gate_up = torch.stack([torch.cat([_load(e.gate, device, dtype), _load(e.up, device, dtype)]) for e in ffn.experts])  # [E, 2I, H]
+    down = torch.stack([_load(e.down, device, dtype) for e in ffn.experts])  # [E, H, I]
+    r = ffn.router
+    return MoEWeights(
+        router=r,
+        router_weight=_load(r.weight, device, dtype),
+        bias=r.bias.load().to(device=device, dtype=torch.float32) if r.bias is not None else None,
+        gate_up=gate_up,
+        down=down,
+        shared=load_swiglu(ffn.shared, device, dtype) if ffn.shared is not None else None,
+        shared_gate=_load(ffn.shared_gate, device, dtype) if ffn.shared_gate is not None else None,
+    )
+
+
+def load_layer(layer: Layer, device="cpu", dtype=torch.float32) -> LoadedLayer:
+    attn = {k: _load(v, device, dtype) for k, v in layer.attn.items()}
+    return LoadedLayer(layer.index, attn, load_ffn(layer.ffn, device, dtype))
+
+
+def ffn_forward(h: torch.Tensor, ffn: FFNWeights, backend: str = "loop", return_routing: bool = False):
+    if isinstance(ffn, SwiGLUWeights):
+        return (ffn(h), None) if return_routing else ffn(h)
+    return moe_forward(h, ffn, backend, return_routing)
+
+
+class Runtime:
+    """Runs `model` on `device` in `dtype`. With `resident=True` layers stay loaded between calls."""
+
+    def __init__(self, model: Model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, backend: str = "loop", resident: bool = False):
+        self.model, self.arch = model, model.arch
+        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        self.resident = resident
+        self._layers: dict[int, LoadedLayer] = {}
+        self._embed: torch.Tensor | None = None
+
+    # ---- weights --------------------------------------------------------------------------
+    def layer(self, index: int) -> LoadedLayer:
+        if index in self._layers:
+            return self._layers[index]
+        loaded = load_layer(self.model.layers[index], self.device, self.dtype)
+        if self.resident:
+            self._layers[index] = loaded
+        return loaded
+
+    def embed_weight(self) -> torch.Tensor:
+        if self._embed is None:
+            self._embed = _load(self.model.embed, self.device, self.dtype)
+        return self._embed
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, H]
+        return F.embedding(input_ids.to(self.device), self.embed_weight())
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] fp32
+        x = rms_norm(x, _load(self.model.norm, self.device, self.dtype), self.arch.rms_norm_eps)
+        weight = self.embed_weight() if self.model.lm_head is None else _load(self.model.lm_head, self.device, self.dtype)
+        return F.linear(x, weight).float()
+
+    # ---- blocks ---------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor):
+        if self.arch.attention == "mla":
+            return None
+        cos, sin = cos_sin(self.arch, positions, seq_len=int(positions[-1]) + 1)
+        return cos.to(self.device), sin.to(self.device)
+
+    def attention(self, x, layer: LoadedLayer, positions, rope, cache=None):
+        """Pre-norm attention with residual: x -> x + attn(norm(x))."""
+        h = rms_norm(x, layer.attn["input_layernorm.weight"], self.arch.rms_norm_eps)
+        if self.arch.attention == "mla":
+            from .mla import mla_attention
+
+            out, cache = mla_attention(h, layer.attn, self.arch, positions, cache, variant=self.model.family)
+        else:
+            out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache)
+        return x + out, cache
+
+    def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
+        return rms_norm(x, layer.attn["post_attention_layernorm.weight"], self.arch.rms_norm_eps)
+
+    def decoder_layer(self, x, layer: LoadedLayer, positions, rope, cache=None):
+        x, cache = self.attention(x, layer, positions, rope, cache)
+        return x + ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend), cache
+
+    # ---- whole model ----------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] fp32. `caches` (a list, one entry per layer) is
+        extended in place for incremental decoding."""
+        past = 0 if not caches or caches[0] is None else caches[0][0].shape[2]
+        T = input_ids.shape[1]
+        positions = torch.arange(past, past + T, device=self.device)
+        rope = self.rope(positions)
+        x = self.embed(input_ids)
+        for i in range(len(self.model.layers)):
+            layer = self.layer(i)
+            cache = caches[i] if caches and i < len(caches) else None
+            x, cache = self.decoder_layer(x, layer, positions, rope, cache)
+            if caches is not None:
+                if i < len(caches):
+                    caches[i] = cache
+                else:
+                    caches.append(cache)
+            del layer
+        return self.head(x)
