@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_UNEXPECTED, EXIT_USAGE, MoeSurgeryError, UsageError
+from .errors import EXIT_UNEXPECTED, EXIT_USAGE, BadInputError, MoeSurgeryError, UsageError, VerificationError
 from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 app = typer.Typer(
@@ -37,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Mixture-of-Experts surgery on Hugging Face checkpoints: inspect, convert, split, upcycle, verify, bench.",
 )
-stdout = Console()
+stdout = Console(soft_wrap=True)
 state = {"debug": False}
 
 SourceArg = typer.Argument(..., help="Local checkpoint directory, Hub repo id `org/name[@revision]`, or `tiny:<family>` (built in).")
@@ -183,10 +183,60 @@ def upcycle(ctx: typer.Context):
     _not_built("upcycle")
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def verify(ctx: typer.Context):
-    """(planned) Prove a conversion exact, or measure how lossy it is."""
-    _not_built("verify")
+@app.command()
+def verify(
+    reference: str = typer.Argument(..., help="The reference checkpoint (local dir, org/name[@rev], tiny:<family>)."),
+    candidate: str = typer.Argument(..., help="The checkpoint that should compute the same function."),
+    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file: tokenized with the reference's tokenizer; adds perplexity."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Explicit token ids (comma separated) or a file of them."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence."),
+    batch: int = typer.Option(2, "--batch", help="Sequences."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (default, tolerance 1e-5 relative) or bfloat16."),
+    expect: Optional[str] = typer.Option(None, "--expect", help="exact: exit 4 unless the verdict is exact; lossy: report only."),
+    json_out: bool = JsonOpt,
+):
+    """Compare two checkpoints: untouched tensors, every FFN/MoE block, logits; verdict exact or lossy."""
+    from .verify import parse_dtype, read_tokens, verify as run_verify
+
+    if expect not in (None, "exact", "lossy"):
+        raise UsageError(f"--expect must be exact or lossy, not {expect!r}")
+    if text is not None and not text.is_file():
+        raise BadInputError(f"--text: no such file {text}")
+    report = run_verify(
+        reference, candidate, text=text.read_text(errors="replace") if text else None,
+        tokens=read_tokens(tokens) if tokens else None, batch=batch, seq_len=seq_len, seed=seed,
+        device=device, dtype=parse_dtype(dtype),
+    )
+    if json_out:
+        emit_json(report)
+    else:
+        print_verification(report)
+    if expect == "exact" and report["verdict"] != "exact":
+        raise VerificationError(f"expected exact, got lossy (logits rel err {report['logits']['rel_err']:.2e}, worst layer {report['worst_layer']})")
+
+
+def print_verification(r: dict) -> None:
+    style = "green" if r["verdict"] == "exact" else "yellow"
+    stdout.print(f"{r['reference']} ({r['reference_layout']}) vs {r['candidate']} ({r['candidate_layout']}): [{style}]{r['verdict']}[/{style}]")
+    stdout.print(f"inputs: {r['inputs']['kind']}, {r['inputs']['batch']} x {r['inputs']['seq_len']} tokens, {r['dtype']} on {r['device']}, tolerance {r['tolerance']:g}")
+    u = r["untouched"]
+    stdout.print(f"untouched tensors: {u['identical']} identical" + (f", [yellow]{len(u['changed'])} changed[/yellow] (e.g. {u['changed'][0]})" if u["changed"] else ""))
+    table = Table(title="FFN / MoE blocks on the reference's hidden states")
+    for col in ("layer", "blocks", "max abs err", "rel err", "routing agreement"):
+        table.add_column(col)
+    for l in r["layers"]:
+        worst = l["index"] == r["worst_layer"] and l["rel_err"] > r["tolerance"]
+        agree = "" if l["routing_agreement"] is None else f"{l['routing_agreement']:.3f}"
+        row = [str(l["index"]), f"{l['reference_kind']} -> {l['candidate_kind']}", f"{l['max_abs_err']:.2e}", f"{l['rel_err']:.2e}", agree]
+        table.add_row(*row, style="bold red" if worst else None)
+    stdout.print(table)
+    g = r["logits"]
+    stdout.print(f"logits: max abs err {g['max_abs_err']:.2e}, rel err {g['rel_err']:.2e}, top-1 agreement {g['top1_agreement']:.4f}, KL {g['kl']:.2e}")
+    if "perplexity" in r:
+        p = r["perplexity"]
+        stdout.print(f"perplexity: reference {p['reference']:.3f}, candidate {p['candidate']:.3f} (x{p['candidate'] / p['reference']:.3f})")
 
 
 @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

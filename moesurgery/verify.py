@@ -1,0 +1,212 @@
+"""`verify`: is CANDIDATE the same function as REFERENCE? Exact, or by how much not.
+
+Both models run in lockstep, one decoder layer at a time (memory: one layer of each plus
+activations). At every layer the reference's real FFN input is fed to both FFN/MoE blocks (block
+error, routing agreement), while each model also runs end to end on its own (logits error, top-1
+agreement, KL, perplexity). Tensors that should be untouched are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .canonical import Model, MoE
+from .errors import BadInputError, UsageError
+from .model_io import Opened, open_model
+from .runtime.model import Runtime, ffn_forward, load_ffn
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"--dtype: unknown dtype {name!r} (use float32, bfloat16, float16)") from None
+
+
+def check_comparable(ref: Model, cand: Model) -> None:
+    a, b = ref.arch, cand.arch
+    for what, x, y in (
+        ("number of layers", a.num_layers, b.num_layers),
+        ("vocabulary size", a.vocab_size, b.vocab_size),
+        ("hidden size", a.hidden_size, b.hidden_size),
+        ("attention kind", a.attention, b.attention),
+    ):
+        if x != y:
+            raise BadInputError(f"models are not comparable: {what} differs ({x} vs {y})")
+    if a.attention == "gqa" and (a.num_heads, a.num_kv_heads, a.head_dim) != (b.num_heads, b.num_kv_heads, b.head_dim):
+        raise BadInputError(
+            f"models are not comparable: attention heads differ ({a.num_heads}/{a.num_kv_heads}x{a.head_dim} vs {b.num_heads}/{b.num_kv_heads}x{b.head_dim})"
+        )
+
+
+def tokenize_text(opened: Opened, text: str) -> tuple[list[int], str]:
+    """Token ids of `text` with the reference's tokenizer.json, else UTF-8 bytes (said in the report)."""
+    tok_file = opened.source.path / "tokenizer.json"
+    if tok_file.exists():
+        try:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(tok_file)).encode(text).ids, "tokenizer.json"
+        except ImportError:
+            pass
+    vocab = opened.model.arch.vocab_size
+    return [b % vocab for b in text.encode()], "utf-8 bytes (no tokenizer.json or `tokenizers` not installed)"
+
+
+def make_inputs(ref: Opened, text: str | None, tokens: list[int] | None, batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
+    if text is not None:
+        ids, how = tokenize_text(ref, text)
+        if len(ids) < 2:
+            raise BadInputError("--text: the text has fewer than 2 tokens")
+        rows = max(1, min(batch, len(ids) // seq_len))
+        length = min(seq_len, len(ids))
+        return torch.tensor(ids[: rows * length]).view(rows, length), f"text, tokenized with {how}"
+    if tokens is not None:
+        if not tokens:
+            raise UsageError("--tokens: no token ids given")
+        vocab = ref.model.arch.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise UsageError(f"--tokens: id {bad[0]} is outside the vocabulary (size {vocab})")
+        return torch.tensor(tokens).view(1, -1), "given token ids"
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, ref.model.arch.vocab_size, (batch, seq_len), generator=gen), f"random tokens (seed {seed})"
+
+
+def identical(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same bytes; a tensor missing on one side counts as identical when the other is all zero."""
+    if a is None or b is None:
+        other = a if b is None else b
+        return other is not None and not bool(other.any())
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, relative error = max abs error / max |want|)."""
+    diff = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    return diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def routing_agreement(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    """Mean fraction of each token's chosen experts that both pick (same expert numbering only)."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float()  # [T, k]
+    return hits.mean().item()
+
+
+def verify(
+    reference,
+    candidate,
+    *,
+    text: str | None = None,
+    tokens: list[int] | None = None,
+    batch: int = 2,
+    seq_len: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "loop",
+) -> dict:
+    if batch < 1 or seq_len < 2:
+        raise UsageError("--batch must be >= 1 and --seq-len >= 2")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    ref_o, cand_o = open_model(reference), open_model(candidate)
+    ref, cand = ref_o.model, cand_o.model
+    check_comparable(ref, cand)
+    ids, input_kind = make_inputs(ref_o, text, tokens, batch, seq_len, seed)
+    r_rt = Runtime(ref, device, dtype, backend)
+    c_rt = Runtime(cand, device, dtype, backend)
+    tol = TOLERANCE[dtype]
+
+    changed: list[str] = []
+    untouched = 0
+
+    def compare(name: str, a, b):
+        nonlocal untouched
+        if identical(a.load() if a is not None else None, b.load() if b is not None else None):
+            untouched += 1
+        else:
+            changed.append(name)
+
+    compare("model.embed_tokens.weight", ref.embed, cand.embed)
+    compare("model.norm.weight", ref.norm, cand.norm)
+    compare("lm_head.weight", ref.lm_head or ref.embed, cand.lm_head or cand.embed)
+
+    with torch.no_grad():
+        positions = torch.arange(ids.shape[1], device=r_rt.device)
+        r_rope, c_rope = r_rt.rope(positions), c_rt.rope(positions)
+        x_r, x_c = r_rt.embed(ids), c_rt.embed(ids)
+        layers = []
+        for i in range(len(ref.layers)):
+            r_layer, c_layer = ref.layers[i], cand.layers[i]
+            for key in sorted(set(r_layer.attn) | set(c_layer.attn)):
+                compare(f"model.layers.{i}.{key}", r_layer.attn.get(key), c_layer.attn.get(key))
+            r_w, c_w = r_rt.layer(i), c_rt.layer(i)
+            x_r, _ = r_rt.attention(x_r, r_w, positions, r_rope)
+            h = r_rt.ffn_input(x_r, r_w)  # the reference's real FFN input, fed to both blocks
+            y_r, idx_r = ffn_forward(h, r_w.ffn, backend, return_routing=True)
+            y_c, idx_c = ffn_forward(h, c_w.ffn, backend, return_routing=True)
+            abs_err, rel_err = errors(y_c, y_r)
+            layers.append({
+                "index": i,
+                "reference_kind": "moe" if isinstance(r_layer.ffn, MoE) else "dense",
+                "candidate_kind": "moe" if isinstance(c_layer.ffn, MoE) else "dense",
+                "max_abs_err": abs_err,
+                "rel_err": rel_err,
+                "routing_agreement": routing_agreement(idx_r, idx_c),
+            })
+            x_r = x_r + y_r
+            x_c, _ = c_rt.decoder_layer(x_c, c_w, positions, c_rope)
+            del r_w, c_w
+        logits_r, logits_c = r_rt.head(x_r), c_rt.head(x_c)  # [B, T, V] fp32
+
+    abs_err, rel_err = errors(logits_c, logits_r)
+    logp_r, logp_c = logits_r.log_softmax(-1), logits_c.log_softmax(-1)
+    kl = (logp_r.exp() * (logp_r - logp_c)).sum(-1).mean().item()
+    top1 = (logits_r.argmax(-1) == logits_c.argmax(-1)).float().mean().item()
+    worst = max(layers, key=lambda l: l["rel_err"]) if layers else None
+    exact = rel_err <= tol and all(l["rel_err"] <= tol for l in layers)
+    report = {
+        "reference": ref_o.source.name,
+        "candidate": cand_o.source.name,
+        "reference_layout": ref.family,
+        "candidate_layout": cand.family,
+        "inputs": {"kind": input_kind, "batch": ids.shape[0], "seq_len": ids.shape[1]},
+        "device": str(r_rt.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tolerance": tol,
+        "verdict": "exact" if exact else "lossy",
+        "untouched": {"identical": untouched, "changed": changed},
+        "logits": {"max_abs_err": abs_err, "rel_err": rel_err, "top1_agreement": top1, "kl": max(kl, 0.0)},
+        "layers": layers,
+        "worst_layer": worst["index"] if worst else None,
+    }
+    if text is not None:
+        report["perplexity"] = {"reference": perplexity(logits_r, ids), "candidate": perplexity(logits_c, ids)}
+    return report
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy)."""
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device))
+    return math.exp(loss.item())
+
+
+def read_tokens(spec: str) -> list[int]:
+    """`--tokens`: comma/space separated ids, or a file holding them."""
+    path = Path(spec)
+    text = path.read_text() if path.is_file() else spec
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError("--tokens: expected integer token ids (comma or space separated) or a file of them") from None
