@@ -18,7 +18,10 @@ CASES = {
     "v2_lora_yarn_bias": ("deepseek_v2", dict(q_lora_rank=24, rope_scaling=YARN, attention_bias=True)),
     "v3_q_proj": ("deepseek_v3", dict(q_lora_rank=None)),
     "v3_lora_yarn_rotate_half": ("deepseek_v3", dict(q_lora_rank=24, rope_scaling=YARN, rope_interleave=False)),
-    "v3_lora_yarn_bias_eps": ("deepseek_v3", dict(q_lora_rank=24, rope_scaling=YARN, attention_bias=True, rms_norm_eps=0.5)),
+    # rms_norm_eps=0.5 proves q_a/kv_a layernorms use transformers' hard-coded 1e-6, not the config's eps
+    "v3_lora_yarn_bias_eps": (
+        "deepseek_v3", dict(q_lora_rank=24, rope_scaling=YARN, attention_bias=True, rms_norm_eps=0.5)
+    ),
 }
 
 
@@ -35,7 +38,8 @@ def build(family: str, dtype=torch.float32, **overrides):
         **overrides,
     })
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    # from_config(dtype=...) like from_pretrained keeps the rotary inv_freq buffer in fp32 (.to(dtype) would not)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     prefix = "model.layers.0."
     w = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix + "self_attn.")}
     arch = get_layout(family).read_arch(config.to_dict())
@@ -102,15 +106,16 @@ def test_decode_matches_transformers_cache(family):
         assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["v2_lora_yarn_bias", "v3_q_proj", "v3_lora_yarn_rotate_half"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_bfloat16_follows_transformers_casts(case):
+    """Same ops, same casts, same order: bit-identical in bf16 too (a wrong cast shows as ~1e-3)."""
     family, overrides = CASES[case]
     model, w, arch = build(family, dtype=torch.bfloat16, **overrides)
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
     x, want = capture(model, ids)
     got, _ = mla_attention(x, w, arch, torch.arange(11), variant=family)
     assert got.dtype == torch.bfloat16
-    assert rel_err(got, want) < 1e-2
+    assert torch.equal(got, want), rel_err(got, want)
 
 
 def test_variant_defaults():

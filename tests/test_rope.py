@@ -56,7 +56,7 @@ def test_llama_inv_freq_and_scale(name):
     config = llama_config(LLAMA_SCALINGS[name])
     arch = arch_of(config)
     kind = config.rope_parameters["rope_type"]
-    init = hf_llama.LlamaRotaryEmbedding.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+    init = ROPE_INIT_FUNCTIONS.get(kind, hf_llama.LlamaRotaryEmbedding.compute_default_rope_parameters)
     want_freq, want_scale = init(config)
     got_freq, got_scale = rope.inv_freq_and_scale(arch)
     assert_close(got_freq, want_freq, tol=0)
@@ -110,9 +110,10 @@ def deepseek_config(cls, scaling):
 
 DS_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": MAX_POS, "beta_fast": 32,
            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+DS_SCALINGS = {"default": None, "yarn": DS_YARN, "yarn_mscale": {**DS_YARN, "mscale": 0.707}}
 
 
-@pytest.mark.parametrize("scaling", [None, DS_YARN, {**DS_YARN, "mscale": 0.707}], ids=["default", "yarn", "yarn_mscale"])
+@pytest.mark.parametrize("scaling", list(DS_SCALINGS.values()), ids=list(DS_SCALINGS))
 def test_deepseek_v3_cos_sin(scaling):
     config = deepseek_config(transformers.DeepseekV3Config, scaling)
     arch = arch_of(config)

@@ -76,7 +76,8 @@ def mla_attention(
     if m.get("q_lora_rank") is None:
         q = _linear(x, w, "q_proj")
     else:
-        q = _linear(rms_norm(_linear(x, w, "q_a_proj"), w["self_attn.q_a_layernorm.weight"], rms_norm_eps), w, "q_b_proj")
+        q_a = rms_norm(_linear(x, w, "q_a_proj"), w["self_attn.q_a_layernorm.weight"], rms_norm_eps)  # [B, T, q_lora]
+        q = _linear(q_a, w, "q_b_proj")
     q = q.view(B, T, h, nope + rd).transpose(1, 2)  # [B, h, T, nope + rd]
     q_nope, q_rot = torch.split(q, [nope, rd], dim=-1)
 

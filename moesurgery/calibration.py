@@ -1,0 +1,60 @@
+"""Calibration: the real FFN inputs of every layer on some text, streamed layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .canonical import Model
+from .errors import BadInputError
+from .runtime.model import Runtime, ffn_forward
+
+
+def tokenize(source_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
+    """Token ids [N] of `text` with the checkpoint's tokenizer.json (UTF-8 bytes without one)."""
+    tok = Path(source_dir) / "tokenizer.json"
+    if tok.exists():
+        try:
+            from tokenizers import Tokenizer
+
+            return torch.tensor(Tokenizer.from_file(str(tok)).encode(text).ids)
+        except ImportError:
+            pass
+    return torch.tensor([b % vocab_size for b in text.encode()])
+
+
+def chunk(ids: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """[N] -> [B, seq_len] covering at most max_tokens tokens."""
+    ids = ids[: max_tokens]
+    rows = max(1, ids.numel() // seq_len)
+    if ids.numel() < seq_len:
+        return ids.view(1, -1)
+    return ids[: rows * seq_len].view(rows, seq_len)
+
+
+def read_calibration(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"--calibration: no such file {p}")
+    text = p.read_text(errors="replace")
+    if len(text) < 16:
+        raise BadInputError(f"--calibration: {p} holds too little text")
+    return text
+
+
+def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (layer index, FFN input [T, H]) of the *source* model, one layer at a time."""
+    rt = Runtime(model, "cpu", dtype)
+    with torch.no_grad():
+        positions = torch.arange(ids.shape[1])
+        rope = rt.rope(positions)
+        x = rt.embed(ids)
+        for i in range(len(model.layers)):
+            layer = rt.layer(i)
+            x, _ = rt.attention(x, layer, positions, rope)
+            h = rt.ffn_input(x, layer)
+            yield i, h.reshape(-1, h.shape[-1])
+            x = x + ffn_forward(h, layer.ffn)
+            del layer

@@ -1,0 +1,237 @@
+"""The surgery commands as library calls: plan, apply per layer, express in the target layout,
+write (streaming), then check the written blocks against the source.
+
+    split_experts(source, output, granularity=M)                       MoE -> finer experts (exact)
+    split_experts(source, output, experts=N, top_k=K, shared=S, ...)   dense -> MoE, training-free
+    upcycle(source, output, granularity=G, experts=N, top_k=K, shared=S) dense -> MoE, exact at init
+    upcycle(source, output, granularity=M, shared=S)                   Mixtral -> DeepSeek-style
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .canonical import Model, MoE, SwiGLU, model_params
+from .errors import BadInputError, UsageError
+from .express import express
+from .layouts import Layout, get_layout
+from .model_io import Opened, open_model, plan_output, save_model
+from .surgery.check import quick_check
+from .surgery.finer import finer_experts
+from .surgery.moefy import MoefySpec, moefy
+from .surgery.upcycle import UpcycleSpec, extract_shared, upcycle_dense
+from .writer import DEFAULT_MAX_SHARD_SIZE, check_output_path
+
+
+def _scoring(target: Layout) -> str:
+    return "softmax" if "softmax" in target.scorings else "sigmoid"
+
+
+def _moe_only(model: Model, what: str) -> None:
+    if not model.moe_layers():
+        raise BadInputError(f"{model.family} is dense: {what} needs an MoE source")
+
+
+def _dense_only(model: Model, what: str) -> None:
+    if model.moe_layers():
+        raise BadInputError(f"{model.family} is already an MoE: {what} needs a dense source (use --granularity to split experts)")
+
+
+def _finish(
+    opened: Opened, model: Model, target: Layout, output, *, operation: str, surgery_lossy: list[str], measured: list[dict],
+    allow_lossy: bool, dry_run: bool, overwrite: bool, max_shard_size: int, command: str, expect_exact: bool,
+) -> dict:
+    """Express in the target, plan, write, check; the report of every surgery command."""
+    result = express(model, target)
+    if result.lossy and not allow_lossy:
+        raise BadInputError(f"{target.name} cannot express the result exactly: {'; '.join(result.lossy)} (pass --allow-lossy, or choose another --to)")
+    config, shards = plan_output(result.model, target, max_shard_size)
+    total, active = model_params(result.model)
+    src_total, src_active = model_params(opened.model)
+    moe = result.model.moe_layers()
+    first = moe[0].ffn if moe else None
+    report = {
+        "operation": operation,
+        "source": opened.source.name,
+        "source_layout": opened.layout.name,
+        "target_layout": target.name,
+        "output": str(output),
+        "dry_run": dry_run,
+        "layers": len(result.model.layers),
+        "moe_layers": len(moe),
+        "experts": len(first.experts) if first else 0,
+        "top_k": first.router.top_k if first else 0,
+        "expert_width": first.expert_width if first else 0,
+        "shared_width": first.shared_width if first else 0,
+        "params_total": total,
+        "params_active": active,
+        "source_params_total": src_total,
+        "source_params_active": src_active,
+        "bytes": sum(s.nbytes for s in shards),
+        "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in shards],
+        "expected": "exact" if expect_exact and not surgery_lossy and result.exact else "lossy",
+        "lossy_reasons": surgery_lossy + result.lossy,
+        "notes": result.notes,
+    }
+    if measured:
+        report["measured"] = measured
+    if dry_run:
+        return report
+    save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size, overwrite=overwrite)
+    written = open_model(output).model
+    report["check"] = quick_check(opened.model, written)
+    report["verdict"] = report["check"]["verdict"]
+    return report
+
+
+def _prepare(source, output, to: str, dry_run: bool, overwrite: bool) -> tuple[Opened, Layout]:
+    target = get_layout(to)
+    if not target.moe:
+        raise BadInputError(f"--to {to} is a dense layout: surgery makes MoE checkpoints")
+    opened = open_model(source)
+    if not dry_run:
+        check_output_path(Path(output), opened.source.path, overwrite)
+    return opened, target
+
+
+def split_experts(
+    source, output, *, granularity: int | None = None, experts: int | None = None, top_k: int | None = None, shared: int = 0,
+    method: str = "kmeans", router: str = "centroid", calibration_text: str | None = None, calibration_tokens: int = 4096,
+    first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts",
+) -> dict:
+    """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
+    training-free split into routed (+ shared) experts (lossy, measured)."""
+    probe = open_model(source)
+    is_moe = bool(probe.model.moe_layers())
+    if to is None:
+        to = probe.layout.name if is_moe else "deepseek"
+    opened, target = _prepare(source, output, to, dry_run, overwrite)
+    model = opened.model
+    if is_moe:
+        if granularity is None or experts is not None or top_k is not None:
+            raise UsageError("an MoE source is split with --granularity M only (--experts/--top-k are for dense sources)")
+        if granularity < 1:
+            raise UsageError("--granularity must be >= 1")
+        layers, lossy = [], []
+        for layer in model.layers:
+            if isinstance(layer.ffn, MoE):
+                if layer.ffn.expert_width % granularity:
+                    raise UsageError(f"--granularity {granularity} does not divide the expert width {layer.ffn.expert_width}")
+                ffn, why = finer_experts(layer.ffn, granularity)
+                lossy += [w for w in why if w not in lossy]
+                layer = replace(layer, ffn=ffn)
+            layers.append(layer)
+        return _finish(opened, model.with_layers(layers), target, output, operation="finer-experts", surgery_lossy=lossy, measured=[],
+                       allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True)
+
+    if experts is None or top_k is None:
+        raise UsageError("a dense source is split with --experts N --top-k K [--shared S]")
+    if granularity is not None:
+        raise UsageError("--granularity is for MoE sources; for a dense source use --experts/--top-k (or `upcycle`)")
+    spec = MoefySpec(experts, top_k, shared, method, router, _scoring(target), seed)
+    try:
+        for layer in model.layers:
+            spec.check(layer.ffn.width, calibration_text is not None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 0 <= first_k_dense < len(model.layers):
+        raise UsageError(f"--first-k-dense {first_k_dense} must be between 0 and {len(model.layers) - 1}")
+    if dry_run:
+        # plan with placeholder routing (nothing is read): shapes only
+        layers = [layer if layer.index < first_k_dense else replace(layer, ffn=_plan_moefy(layer.ffn, spec)) for layer in model.layers]
+        return _finish(opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)],
+                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False)
+    inputs = None
+    if calibration_text is not None:
+        from .calibration import chunk, ffn_inputs, tokenize
+
+        ids = chunk(tokenize(opened.source.path, calibration_text, model.arch.vocab_size), 256, calibration_tokens)
+        inputs = ffn_inputs(model, ids)
+    layers, measured = [], []
+    for layer in model.layers:
+        x = next(inputs)[1] if inputs is not None else None
+        if layer.index < first_k_dense:
+            layers.append(layer)
+            continue
+        ffn, stats = moefy(layer.ffn, spec, x, layer.index)
+        measured.append({"index": layer.index, **stats})
+        layers.append(replace(layer, ffn=ffn))
+    return _finish(opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
+                   allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False)
+
+
+def _moefy_reason(spec: MoefySpec) -> str:
+    return f"training-free split: {spec.top_k} of {spec.experts} routed experts run per token" + (f" (+{spec.shared} shared)" if spec.shared else "")
+
+
+def _plan_moefy(ffn: SwiGLU, spec: MoefySpec) -> MoE:
+    """Shapes of the moefy result without reading weights (for --dry-run)."""
+    from .canonical import Router
+    from .lazy import Lazy
+    from .surgery.slicing import chunks, concat_neurons, take_neurons
+
+    f = ffn.width // (spec.experts + spec.shared)
+    parts = [take_neurons(ffn, idx) for idx in chunks(ffn.width, spec.experts + spec.shared)]
+    H = ffn.gate.shape[1]
+    router = Router(Lazy.zeros((spec.experts, H), ffn.gate.dtype), spec.top_k, spec.scoring)
+    shared = concat_neurons(parts[: spec.shared]) if spec.shared else None
+    return MoE(router, parts[spec.shared :], shared)
+
+
+def upcycle(
+    source, output, *, granularity: int, experts: int | None = None, top_k: int | None = None, shared: int = 0,
+    first_k_dense: int = 0, router_noise: float = 0.0, reinit_fraction: float = 0.0, shared_match: float = 1.0,
+    to: str = "deepseek", allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle",
+) -> dict:
+    """Dense source: MoE exact at init with virtual groups (+ shared experts). MoE source (Mixtral):
+    DeepSeek-style: `shared` fine-grained experts extracted from what experts share, the rest split
+    into granularity - shared finer experts each (exact when the shared neurons are identical)."""
+    opened, target = _prepare(source, output, to, dry_run, overwrite)
+    model = opened.model
+    if granularity is None or granularity < 1:
+        raise UsageError("--granularity must be >= 1")
+    layers, lossy, measured = [], [], []
+    if model.moe_layers():
+        if experts is not None or top_k is not None:
+            raise UsageError("an MoE source is upcycled with --granularity M [--shared S]; experts and top-k follow from them")
+        if shared >= granularity:
+            raise UsageError(f"--shared {shared} must be smaller than --granularity {granularity}")
+        for layer in model.layers:
+            ffn = layer.ffn
+            if isinstance(ffn, MoE):
+                f = ffn.expert_width
+                if f % granularity:
+                    raise UsageError(f"--granularity {granularity} does not divide the expert width {f}")
+                if shared:
+                    if ffn.shared_gate is not None:
+                        raise BadInputError(f"layer {layer.index} has a gated shared expert: cannot add ungated shared neurons to it")
+                    ffn, why, stats = extract_shared(ffn, shared * (f // granularity), shared_match)
+                    lossy += [w for w in why if w not in lossy]
+                    measured.append({"index": layer.index, **stats})
+                ffn, why = finer_experts(ffn, granularity - shared)
+                lossy += [w for w in why if w not in lossy]
+            layers.append(replace(layer, ffn=ffn))
+        operation = "mixtral-to-deepseek"
+    else:
+        if experts is None or top_k is None:
+            raise UsageError("a dense source is upcycled with --granularity G --experts N --top-k K [--shared S]")
+        if not 0 <= first_k_dense < len(model.layers):
+            raise UsageError(f"--first-k-dense {first_k_dense} must be between 0 and {len(model.layers) - 1}")
+        spec = UpcycleSpec(granularity, experts, top_k, shared, _scoring(target), fold_into_scaling=target.scaling and not float(granularity).is_integer(),
+                           router_noise=router_noise, reinit_fraction=reinit_fraction, seed=seed)
+        for layer in model.layers:
+            if layer.index < first_k_dense:
+                layers.append(layer)
+                continue
+            try:
+                ffn, why = upcycle_dense(layer.ffn, spec, layer.index)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            lossy += [w for w in why if w not in lossy]
+            layers.append(replace(layer, ffn=ffn))
+        operation = "dense-upcycle"
+    return _finish(opened, model.with_layers(layers), target, output, operation=operation, surgery_lossy=lossy, measured=measured,
+                   allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True)

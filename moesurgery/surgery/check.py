@@ -1,0 +1,31 @@
+"""The quick check every surgery ends with: source vs output FFN blocks on random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..canonical import Model
+from ..runtime.model import ffn_forward, load_ffn
+
+TOLERANCE = 1e-5  # relative, computed in fp32
+
+
+def pick_layers(n: int, most: int = 4) -> list[int]:
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
+
+
+def quick_check(source: Model, output: Model, layers: list[int] | None = None, tokens: int = 64, seed: int = 0) -> dict:
+    """Feed the same N(0, 1) hidden states to source and output FFN blocks of some layers."""
+    layers = pick_layers(len(source.layers)) if layers is None else layers
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in layers:
+        x = torch.randn(tokens, source.arch.hidden_size, generator=gen)
+        want = ffn_forward(x, load_ffn(source.layers[i].ffn))
+        got = ffn_forward(x, load_ffn(output.layers[i].ffn))
+        err = (got - want).abs().max().item()
+        rows.append({"index": i, "max_abs_err": err, "rel_err": err / max(want.abs().max().item(), 1e-30)})
+    worst = max(r["rel_err"] for r in rows) if rows else 0.0
+    return {"verdict": "exact" if worst <= TOLERANCE else "lossy", "rel_err": worst, "layers": rows, "inputs": f"{tokens} random N(0,1) hidden states per layer"}
