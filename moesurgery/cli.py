@@ -38,7 +38,7 @@ app = typer.Typer(
     help="Mixture-of-Experts surgery on Hugging Face checkpoints: inspect, convert, split, upcycle, verify, bench.",
 )
 stdout = Console(soft_wrap=True)
-state = {"debug": False}
+state: dict = {"debug": False, "argv": None}
 
 SourceArg = typer.Argument(..., help="Local checkpoint directory, Hub repo id `org/name[@revision]`, or `tiny:<family>` (built in).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else there.")
@@ -49,7 +49,8 @@ def emit_json(report: dict) -> None:
 
 
 def command_line() -> str:
-    return "moesurgery " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = state["argv"] if state["argv"] is not None else sys.argv[1:]
+    return "moesurgery " + " ".join(shlex.quote(a) for a in argv)
 
 
 def human_bytes(n: float) -> str:
@@ -171,16 +172,115 @@ def _not_built(name: str):
     raise UsageError(f"`moesurgery {name}` is not built yet (see the issue tracker)")
 
 
-@app.command("split-experts", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def split_experts(ctx: typer.Context):
-    """(planned) Split FFNs or experts into fine-grained experts, with shared experts."""
-    _not_built("split-experts")
+CommonSurgery = dict(
+    to=typer.Option(None, "--to", help="Target layout (deepseek, glm4_moe, qwen2_moe, mixtral, ...)."),
+    allow_lossy=typer.Option(False, "--allow-lossy", help="Write even when the target layout cannot express the result exactly."),
+    dry_run=typer.Option(False, "--dry-run", help="Print the plan (layers, experts, parameters, size, exactness); write nothing."),
+    overwrite=typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    max_shard_size=typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
+    seed=typer.Option(None, "--seed", help="Seed for router init / random partitions."),
+    recipe=typer.Option(None, "--recipe", help="A recipe name (recipes/NAME.toml) or TOML file; flags override it."),
+    json_out=JsonOpt,
+)
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def upcycle(ctx: typer.Context):
-    """(planned) Dense -> MoE exact at init; Mixtral -> DeepSeek-style."""
-    _not_built("upcycle")
+def _calibration(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value == "pydoc":
+        from .texts import calibration_text
+
+        return calibration_text()
+    from .calibration import read_calibration
+
+    return read_calibration(value)
+
+
+@app.command("split-experts")
+def split_experts(
+    source: str = SourceArg,
+    output: Path = typer.Argument(..., help="Output directory."),
+    granularity: Optional[int] = typer.Option(None, "--granularity", "-m", help="MoE source: split every expert into M finer experts (exact)."),
+    experts: Optional[int] = typer.Option(None, "--experts", "-n", help="Dense source: routed experts."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Dense source: routed experts per token."),
+    shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Dense source: always-on experts (same width as routed ones)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Neuron partition: contiguous, random, kmeans, coactivation."),
+    router: Optional[str] = typer.Option(None, "--router", help="Router: centroid, fitted (needs --calibration), random."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text."),
+    calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
+    first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
+    to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
+    overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
+    recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
+):
+    """Fine-grained experts: split each expert of an MoE (exact), or a dense FFN into routed + shared experts."""
+    from .operations import split_experts as run
+    from .recipes import load_recipe, merge
+
+    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, method="kmeans", router="centroid", calibration=None,
+                    calibration_tokens=4096, first_k_dense=0, to=None, seed=0)
+    flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration,
+                 calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, to=to, seed=seed)
+    o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults)
+    text = _calibration(o.pop("calibration"))
+    report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
+                 max_shard_size=parse_size(max_shard_size), command=command_line(), **o)
+    emit_json(report) if json_out else print_surgery(report)
+
+
+@app.command()
+def upcycle(
+    source: str = SourceArg,
+    output: Path = typer.Argument(..., help="Output directory."),
+    granularity: Optional[int] = typer.Option(None, "--granularity", "-g", help="Dense: routed slices G of the FFN. Mixtral: finer experts per expert M."),
+    experts: Optional[int] = typer.Option(None, "--experts", "-n", help="Dense source: routed experts N (a multiple of G)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Dense source: routed experts per token (a multiple of G)."),
+    shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Always-on experts: carved from the FFN (dense) or extracted from what experts share (MoE)."),
+    first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Dense source: keep the first K layers dense."),
+    router_noise: Optional[float] = typer.Option(None, "--router-noise", help="Symmetry breaking: std of noise on router rows (lossy)."),
+    reinit_fraction: Optional[float] = typer.Option(None, "--reinit-fraction", help="Drop-Upcycling: re-initialise this fraction of each expert (lossy)."),
+    to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
+    overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
+    recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
+):
+    """Upcycle: dense -> MoE exact at init (virtual groups + shared experts); Mixtral -> DeepSeek-style."""
+    from .operations import upcycle as run
+    from .recipes import load_recipe, merge
+
+    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, first_k_dense=0, router_noise=0.0, reinit_fraction=0.0, to="deepseek", seed=0)
+    flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, first_k_dense=first_k_dense, router_noise=router_noise,
+                 reinit_fraction=reinit_fraction, to=to, seed=seed)
+    o = merge(load_recipe(recipe, "upcycle") if recipe else {}, flags, defaults)
+    if o["granularity"] is None:
+        raise UsageError("upcycle needs --granularity (or a --recipe that sets it)")
+    report = run(source, output, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
+                 command=command_line(), **o)
+    emit_json(report) if json_out else print_surgery(report)
+
+
+def print_surgery(r: dict) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_row("operation", f"{r['operation']}: {r['source']} ({r['source_layout']}) -> {r['target_layout']}")
+    moe = f"{r['moe_layers']} of {r['layers']} layers MoE: {r['experts']} experts x {r['expert_width']}, top-{r['top_k']}"
+    head.add_row("plan", moe + (f", shared width {r['shared_width']}" if r["shared_width"] else ""))
+    head.add_row("parameters", f"{human_count(r['params_total'])} total, {human_count(r['params_active'])} active "
+                 f"(source {human_count(r['source_params_total'])} / {human_count(r['source_params_active'])})")
+    head.add_row("output", f"{human_bytes(r['bytes'])} in {len(r['shards'])} shard(s) -> {r['output']}" + (" (dry run: nothing written)" if r["dry_run"] else ""))
+    head.add_row("expected", r["expected"])
+    stdout.print(head)
+    for reason in r["lossy_reasons"]:
+        stdout.print(f"  [yellow]lossy:[/yellow] {reason}")
+    for note in r["notes"]:
+        stdout.print(f"  note: {note}")
+    if r.get("measured") and "rel_err" in r["measured"][0]:
+        m = r["measured"]
+        mean = sum(x["rel_err"] for x in m) / len(m)
+        oracle = sum(x["oracle_rel_err"] for x in m) / len(m)
+        stdout.print(f"measured on {'calibration' if m[0].get('calibration') else 'random'} inputs: FFN rel err {mean:.3f} mean over layers (oracle router {oracle:.3f})")
+    if "check" in r:
+        c = r["check"]
+        style = "green" if c["verdict"] == "exact" else "yellow"
+        stdout.print(f"check ({c['inputs']}, layers {[l['index'] for l in c['layers']]}): [{style}]{c['verdict']}[/{style}], max rel err {c['rel_err']:.2e}")
 
 
 @app.command()
@@ -206,7 +306,7 @@ def verify(
         raise BadInputError(f"--text: no such file {text}")
     report = run_verify(
         reference, candidate, text=text.read_text(errors="replace") if text else None,
-        tokens=read_tokens(tokens) if tokens else None, batch=batch, seq_len=seq_len, seed=seed,
+        tokens=read_tokens(tokens) if tokens is not None else None, batch=batch, seq_len=seq_len, seed=seed,
         device=device, dtype=parse_dtype(dtype),
     )
     if json_out:
@@ -248,6 +348,7 @@ def bench(ctx: typer.Context):
 # ------------------------------------------------------------------------------------------ entry
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure becomes one `error:` line and a documented exit code."""
+    state["argv"] = list(argv) if argv is not None else None
     try:
         app(args=argv, standalone_mode=False, prog_name="moesurgery")
         return 0
@@ -257,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: aborted", file=sys.stderr)
         return EXIT_UNEXPECTED
     except _CLICK_ERROR as e:
+        if not e.format_message():  # no arguments: the help was printed
+            return EXIT_USAGE
         print(f"error: {e.format_message()}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, _USAGE) else e.exit_code
     except MoeSurgeryError as e:

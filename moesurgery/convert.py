@@ -25,8 +25,7 @@ def convert(
     """Convert `source` to layout `to` at `output`; returns the report (also for --dry-run)."""
     target = get_layout(to)
     opened = open_model(source)
-    if not dry_run:
-        check_output_path(Path(output), opened.source.path, overwrite)
+    check_output_path(Path(output), opened.source.path, overwrite)
     result = express(opened.model, target)
     if result.lossy and not allow_lossy:
         raise BadInputError(f"{opened.layout.name} -> {target.name} is not exact: {'; '.join(result.lossy)} (pass --allow-lossy to convert anyway)")

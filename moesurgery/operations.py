@@ -90,8 +90,7 @@ def _prepare(source, output, to: str, dry_run: bool, overwrite: bool) -> tuple[O
     if not target.moe:
         raise BadInputError(f"--to {to} is a dense layout: surgery makes MoE checkpoints")
     opened = open_model(source)
-    if not dry_run:
-        check_output_path(Path(output), opened.source.path, overwrite)
+    check_output_path(Path(output), opened.source.path, overwrite)
     return opened, target
 
 

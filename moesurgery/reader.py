@@ -116,19 +116,38 @@ class CheckpointReader:
         for path in files:
             header = _read_header(path)
             meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict):
+                raise BadInputError(f"{path.name}: malformed __metadata__ in the safetensors header")
             if not self.metadata:
                 self.metadata = dict(meta)
+            data_size = path.stat().st_size - 8 - int.from_bytes(path.open("rb").read(8), "little")
             self.files.append(path)
             for key, entry in header.items():
                 if key in self.tensors:
                     raise BadInputError(f"{key} is stored twice: in {self.tensors[key].file.name} and {path.name}")
-                try:
-                    dtype = DTYPES[entry["dtype"]]
-                    begin, end = entry["data_offsets"]
-                    shape = entry["shape"]
-                except KeyError as e:
-                    raise BadInputError(f"{path.name}: tensor {key} has an unsupported or malformed entry") from e
-                self.tensors[key] = TensorInfo(key, path, shape, dtype, end - begin)
+                self.tensors[key] = self._entry(path, key, entry, data_size)
+
+    @staticmethod
+    def _entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
+        """Validate one header entry against its dtype, shape and the file's size."""
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            if not isinstance(entry["data_offsets"], list) or not isinstance(entry["shape"], list):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise BadInputError(f"{path.name}: tensor {key} has an unsupported or malformed header entry") from None
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise BadInputError(f"{path.name}: tensor {key} has a negative dimension")
+            numel *= d
+        if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+            raise BadInputError(f"{path.name}: tensor {key} has data offsets that do not match its shape and dtype")
+        if end > data_size:
+            raise BadInputError(f"{path.name}: tensor {key} lies beyond the end of the file (truncated?)")
+        return TensorInfo(key, path, shape, dtype, end - begin)
 
     # ---- access --------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:

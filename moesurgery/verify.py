@@ -63,6 +63,9 @@ def tokenize_text(opened: Opened, text: str) -> tuple[list[int], str]:
 def make_inputs(ref: Opened, text: str | None, tokens: list[int] | None, batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
     if text is not None:
         ids, how = tokenize_text(ref, text)
+        vocab = ref.model.arch.vocab_size
+        if ids and max(ids) >= vocab:
+            raise BadInputError(f"--text: the reference's tokenizer gives id {max(ids)}, outside its vocabulary (size {vocab})")
         if len(ids) < 2:
             raise BadInputError("--text: the text has fewer than 2 tokens")
         rows = max(1, min(batch, len(ids) // seq_len))
@@ -92,7 +95,7 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     """(max abs error, relative error = max abs error / max |want|)."""
     diff = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
-    return diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    return diff, diff / scale if scale > 0 else diff  # an all-zero reference: the absolute error
 
 
 def routing_agreement(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:

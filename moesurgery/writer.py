@@ -46,6 +46,8 @@ SIDE_GLOBS = ("*.tiktoken", "tokenizer*.model")
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500*2**20, '123' -> 123."""
     if isinstance(text, int):
+        if text <= 0:
+            raise UsageError("--max-shard-size must be positive")
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not m:

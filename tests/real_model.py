@@ -110,7 +110,6 @@ def _convert(gguf: Path, out: Path) -> None:
     # though its weights are already dequantized: rebuild a plain model from the config and move them.
     config = quantized.config
     del config.quantization_config
-    config.name_or_path = CHECKPOINT_NAME
     with torch.device("meta"):
         plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict(), assign=True)

@@ -331,12 +331,6 @@ def test_corrupt_shard_named_in_sharded_checkpoint(sharded):
         CheckpointReader(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reader.py CheckpointReader._scan only catches KeyError while parsing a header entry; a "
-    "malformed entry (not an object, 3 data_offsets, non-numeric offsets) or a non-object __metadata__ raises "
-    "TypeError/ValueError, which the CLI turns into exit 1 'unexpected' instead of exit 3",
-)
 @pytest.mark.parametrize(
     "header",
     [
@@ -353,12 +347,6 @@ def test_malformed_header_entry_is_bad_input(tmp_path, header):
         CheckpointReader(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reader.py CheckpointReader._scan takes nbytes from data_offsets without checking them against "
-    "shape x dtype size, nor against the file's size: an inconsistent or truncated shard is indexed as valid "
-    "(inspect reports it fine; the error only surfaces when the tensor is read)",
-)
 @pytest.mark.parametrize(
     "header, data",
     [

@@ -71,11 +71,6 @@ def test_parse_size_refuses(text):
         parse_size(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_size returns an int argument unchecked: parse_size(0) / parse_size(-5) are accepted "
-    "while '0' is refused as not positive (writer.py parse_size, the isinstance(text, int) branch)",
-)
 @pytest.mark.parametrize("value", [0, -5])
 def test_parse_size_refuses_non_positive_int(value):
     with pytest.raises(UsageError):

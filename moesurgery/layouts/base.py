@@ -183,7 +183,7 @@ class Layout:
             layers.append(Layer(index, attn, ffn))
         extras = {k: reader.lazy(k) for k in reader.keys() if k not in claimed and not k.endswith(IGNORED_SUFFIXES)}
         model = Model(self.name, arch, embed, norm, lm_head, layers, dict(cfg), extras)
-        self.validate(model)
+        self.validate(model, spec)
         return model
 
     def read_dense(self, prefix: str, take) -> SwiGLU:
@@ -204,23 +204,55 @@ class Layout:
             shared_gate = take(prefix + self.shared_gate_key)
         return MoE(router, experts, shared, shared_gate)
 
-    def validate(self, model: Model) -> None:
+    def validate(self, model: Model, spec: MoESpec | None = None) -> None:
         """Shapes agree with the config: errors name the tensor."""
-        H = model.arch.hidden_size
+        a = model.arch
+        H = a.hidden_size
 
         def check(t: Lazy, shape: tuple, what: str):
             if t.shape != tuple(shape):
                 raise BadInputError(f"{t.origin or what}: shape {list(t.shape)}, expected {list(shape)} from config.json")
 
-        check(model.embed, (model.arch.vocab_size, H), "embeddings")
+        def check_ffn(f: SwiGLU, width: int):
+            check(f.gate, (width, H), "gate_proj")
+            check(f.up, (width, H), "up_proj")
+            check(f.down, (H, width), "down_proj")
+
+        check(model.embed, (a.vocab_size, H), "embeddings")
+        check(model.norm, (H,), "model.norm.weight")
+        if model.lm_head is not None:
+            check(model.lm_head, (a.vocab_size, H), "lm_head.weight")
+        dense_width = model.config.get("intermediate_size")
+        gqa = {
+            "self_attn.q_proj.weight": (a.num_heads * a.head_dim, H),
+            "self_attn.k_proj.weight": (a.num_kv_heads * a.head_dim, H),
+            "self_attn.v_proj.weight": (a.num_kv_heads * a.head_dim, H),
+            "self_attn.o_proj.weight": (H, a.num_heads * a.head_dim),
+        }
         for layer in model.layers:
-            ffns = [layer.ffn] if isinstance(layer.ffn, SwiGLU) else layer.ffn.experts + ([layer.ffn.shared] if layer.ffn.shared else [])
-            if isinstance(layer.ffn, MoE):
-                check(layer.ffn.router.weight, (len(layer.ffn.experts), H), "router")
-            for f in ffns:
-                check(f.gate, (f.width, H), "gate_proj")
-                check(f.up, (f.width, H), "up_proj")
-                check(f.down, (H, f.width), "down_proj")
+            for key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+                if key not in layer.attn:
+                    raise BadInputError(f"model.layers.{layer.index}.{key} is missing")
+                check(layer.attn[key], (H,), f"model.layers.{layer.index}.{key}")
+            if a.attention == "gqa":
+                for key, shape in gqa.items():
+                    if key not in layer.attn:
+                        raise BadInputError(f"model.layers.{layer.index}.{key} is missing")
+                    check(layer.attn[key], shape, f"model.layers.{layer.index}.{key}")
+            if isinstance(layer.ffn, SwiGLU):
+                width = dense_width if isinstance(dense_width, int) and not (self.moe and self.dense_layers == "none") else layer.ffn.width
+                check_ffn(layer.ffn, width)
+                continue
+            moe = layer.ffn
+            check(moe.router.weight, (len(moe.experts), H), "router")
+            if moe.router.bias is not None:
+                check(moe.router.bias, (len(moe.experts),), "e_score_correction_bias")
+            for e in moe.experts:
+                check_ffn(e, spec.expert_width if spec else moe.expert_width)
+            if moe.shared is not None:
+                check_ffn(moe.shared, spec.shared_width if spec and spec.shared_width else moe.shared.width)
+            if moe.shared_gate is not None:
+                check(moe.shared_gate, (1, H), "shared_expert_gate.weight")
 
     # ---------------------------------------------------------------- canonical -> checkpoint
     def tensors(self, model: Model) -> list[PlannedTensor]:

@@ -1,0 +1,59 @@
+"""Recipes: named surgeries in `recipes/*.toml` (read with the standard library's tomllib).
+
+    # moesurgery upcycle mistralai/Mixtral-8x7B-v0.1 out/mixtral-ds64 --recipe mixtral-8x7b-deepseek
+    command = "upcycle"
+    description = "..."
+    [options]
+    granularity = 8
+    to = "deepseek"
+
+Flags given on the command line override the recipe's options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import UsageError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
+
+
+def load_recipe(name_or_file: str, command: str) -> dict:
+    """The recipe's options for `command` (an error if the recipe is for another command)."""
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_file}.toml"
+    if not path.is_file():
+        have = ", ".join(recipe_names()) or "none"
+        raise UsageError(f"--recipe: no recipe file or name {name_or_file!r} (built in: {have})")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--recipe: {path.name} is not valid TOML ({e})") from None
+    if recipe.get("command") != command:
+        raise UsageError(f"--recipe: {path.name} is a `{recipe.get('command')}` recipe, not `{command}`")
+    options = recipe.get("options", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"--recipe: {path.name}: [options] must be a table")
+    return {k.replace("-", "_"): v for k, v in options.items()}
+
+
+def merge(recipe: dict, flags: dict, defaults: dict) -> dict:
+    """flags (not None) > recipe > defaults; unknown recipe keys are an error."""
+    unknown = sorted(set(recipe) - set(defaults))
+    if unknown:
+        raise UsageError(f"--recipe: unknown option {unknown[0]!r}")
+    out = dict(defaults)
+    out.update({k: v for k, v in recipe.items()})
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out

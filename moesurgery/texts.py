@@ -1,0 +1,26 @@
+"""Built-in English text (Python's own documentation, `pydoc_data.topics`) for calibration and
+held-out evaluation, so calibrated surgery works with no download: `--calibration pydoc`."""
+
+from __future__ import annotations
+
+
+def _topics() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return topics
+
+
+def split_keys() -> tuple[list[str], list[str]]:
+    """(calibration keys, held-out keys): every 4th topic (sorted) is held out."""
+    keys = sorted(_topics())
+    return [k for i, k in enumerate(keys) if i % 4 != 3], [k for i, k in enumerate(keys) if i % 4 == 3]
+
+
+def calibration_text(max_chars: int = 200_000) -> str:
+    topics = _topics()
+    return "\n\n".join(topics[k] for k in split_keys()[0])[:max_chars]
+
+
+def heldout_text(max_chars: int = 200_000) -> str:
+    topics = _topics()
+    return "\n\n".join(topics[k] for k in split_keys()[1])[:max_chars]
