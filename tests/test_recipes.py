@@ -1,0 +1,61 @@
+"""Every recipe dry-runs against a weightless checkpoint with the real model's dimensions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moesurgery.cli import main
+from moesurgery.recipes import RECIPE_DIR, load_recipe, recipe_names, tomllib
+from moesurgery.errors import UsageError
+from moesurgery.skeleton import write_skeleton
+
+RECIPES = recipe_names()
+
+
+def test_recipes_exist():
+    assert len(RECIPES) >= 8
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
+    path = RECIPE_DIR / f"{name}.toml"
+    text = path.read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("# moesurgery ") and f"--recipe {name}" in first, "a recipe starts with the command it runs"
+    recipe = tomllib.loads(text)
+    src = write_skeleton(recipe["model_config"], tmp_path / "src")
+    rc = main([recipe["command"], str(src), str(tmp_path / "out"), "--recipe", name, "--dry-run", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out)
+    assert not (tmp_path / "out").exists()
+    if recipe["command"] == "upcycle":
+        assert report["expected"] == "exact"
+    assert report["moe_layers"] == recipe["model_config"]["num_hidden_layers"]
+    options = recipe["options"]
+    if "experts" in options:
+        assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]
+    else:  # finer experts: E*m experts, k*m top-k
+        m = options["granularity"]
+        assert report["experts"] == recipe["model_config"]["num_local_experts"] * m
+        assert report["top_k"] == recipe["model_config"]["num_experts_per_tok"] * m
+
+
+def test_flags_override_recipe(tmp_path, capsys):
+    recipe = tomllib.loads((RECIPE_DIR / "mixtral-8x7b-deepseek.toml").read_text())
+    src = write_skeleton(recipe["model_config"], tmp_path / "src")
+    assert main(["upcycle", str(src), str(tmp_path / "o"), "--recipe", "mixtral-8x7b-deepseek", "--granularity", "4", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["experts"] == 32
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(UsageError, match="no recipe"):
+        load_recipe("nope", "upcycle")
+    with pytest.raises(UsageError, match="`upcycle` recipe"):
+        load_recipe("mixtral-8x7b-deepseek", "split-experts")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("command = 'upcycle'\n[options]\nbogus = 1\n")
+    assert main(["upcycle", "tiny:llama", str(tmp_path / "o"), "--recipe", str(bad), "--dry-run"]) == 2
