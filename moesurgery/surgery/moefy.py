@@ -48,8 +48,9 @@ class MoefySpec:
             raise ValueError(f"unknown --method {self.method!r} (have {', '.join(METHODS)})")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown --router {self.router!r} (have {', '.join(ROUTERS)})")
-        if not has_calibration and (self.method == "coactivation" or self.router == "fitted"):
-            raise ValueError(f"--method {self.method} / --router {self.router} need --calibration text")
+        needs = [f"--method {self.method}"] * (self.method == "coactivation") + [f"--router {self.router}"] * (self.router == "fitted")
+        if needs and not has_calibration:
+            raise ValueError(f"{' and '.join(needs)} need --calibration text (a file, or `pydoc` for built-in English text)")
         return width // (N + S)
 
 
