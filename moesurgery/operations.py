@@ -43,7 +43,12 @@ def _finish(
     allow_lossy: bool, dry_run: bool, overwrite: bool, max_shard_size: int, command: str, expect_exact: bool,
 ) -> dict:
     """Express in the target, plan, write, check; the report of every surgery command."""
+    mtp = [k for k in model.extras if k.startswith("model.layers.")]
+    if mtp:  # multi-token-prediction layers keep the old expert layout: they cannot follow the surgery
+        model = replace(model, extras={k: v for k, v in model.extras.items() if k not in mtp}, config={**model.config, "num_nextn_predict_layers": 0})
     result = express(model, target)
+    if mtp:
+        result.notes.append(f"{len(mtp)} tensors of multi-token-prediction layers dropped (num_nextn_predict_layers = 0)")
     if result.lossy and not allow_lossy:
         raise BadInputError(f"{target.name} cannot express the result exactly: {'; '.join(result.lossy)} (pass --allow-lossy, or choose another --to)")
     config, shards = plan_output(result.model, target, max_shard_size)

@@ -204,3 +204,24 @@ def test_dense_upcycle_exact_for_random_shapes(G, groups, t, S, f, H, scoring, s
     x = torch.randn(16, H, generator=torch.Generator().manual_seed(seed))
     want, got = ffn_forward(x, load_ffn(ffn)), ffn_forward(x, load_ffn(moe))
     assert not lossy and torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_mtp_layers_are_kept_by_convert_and_dropped_by_surgery(checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moesurgery.convert import convert
+    from moesurgery.reader import CheckpointReader
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("deepseek_v3"), src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.randn(64, 128)  # an MTP layer beyond num_hidden_layers
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    convert(src, tmp_path / "same", "deepseek_v3")
+    assert "model.layers.3.eh_proj.weight" in CheckpointReader(tmp_path / "same")
+    report = split_experts(src, tmp_path / "fine", granularity=2, allow_lossy=True)
+    assert any("multi-token-prediction" in n for n in report["notes"])
+    assert "model.layers.3.eh_proj.weight" not in CheckpointReader(tmp_path / "fine")
+    assert json.loads((tmp_path / "fine" / "config.json").read_text())["num_nextn_predict_layers"] == 0

@@ -85,27 +85,141 @@ def experts_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: t
     return out
 
 
-def experts_sorted(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Sort (token, slot) pairs by expert once, one matmul per contiguous segment."""
+# ---- torch's grouped GEMM: probed once per (device type, dtype) -------------------------------
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_grouped_ok: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when `grouped_mm(a [N, K], b [G, K, M] (transposed view), offs)` runs and is right here.
+
+    CUDA: compute capability >= 8.0 and bf16 (the fast path; torch's Hopper kernel is the one to use).
+    CPU: whatever dtypes torch's CPU kernel accepts (torch >= 2.9). Probed on a tiny problem."""
+    device = torch.device(device)
+    key = (device.type, dtype)
+    if key not in _grouped_ok:
+        ok = _GROUPED_MM is not None
+        if ok and device.type == "cuda":
+            ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        if ok:
+            try:
+                gen = torch.Generator().manual_seed(0)
+                a = torch.randn(24, 32, generator=gen).to(device, dtype)  # [N, K]
+                b = torch.randn(3, 16, 32, generator=gen).to(device, dtype)  # [G, M, K]
+                offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)  # group 1 empty
+                got = _GROUPED_MM(a, b.transpose(-2, -1), offs=offs).float()
+                want = torch.cat([a[:8] @ b[0].T, a[8:] @ b[2].T]).float()
+                ok = bool(((got - want).abs().max() <= 0.05 * want.abs().max()).item())
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                ok = False
+        _grouped_ok[key] = ok
+    return _grouped_ok[key]
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def experts_sorted(
+    x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, grouped: bool | None = None
+) -> torch.Tensor:
+    """Sort the T*k (token, slot) pairs by expert once; one matmul per contiguous segment.
+
+    grouped=None: torch's grouped GEMM when it runs on this device/dtype (one call for all
+    segments, no host sync), else a loop over the non-empty segments (2 matmuls per expert hit,
+    everything else vectorised). The routing weight scales h before down_proj, so the combine is a
+    gather back to (token, slot) order and a sum over k (no index_add_)."""
     T, k = idx.shape
-    I = down.shape[-1]
-    flat = idx.flatten()  # [T*k]
-    order = flat.argsort(stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
-    xs = x[token]  # [T*k, H] grouped by expert
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            gu = F.linear(xs[start : start + n], gate_up[e])
-            ys[start : start + n] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], down[e])
+    H, I = down.shape[1], down.shape[2]
+    N = T * k
+    flat = idx.flatten()  # [N]
+    order = flat.argsort(stable=True)  # [N] pair ids grouped by expert
+    xs = x.index_select(0, order // k)  # [N, H]
+    ws = w.flatten().index_select(0, order).unsqueeze(1)  # [N, 1]
+    counts = torch.bincount(flat, minlength=gate_up.shape[0])  # [E]
+    if grouped is None:
+        grouped = grouped_mm_available(x.device, x.dtype) and _aligned(x, gate_up, down)
+    if grouped:
+        offs = counts.cumsum(0).to(torch.int32)  # [E]
+        gu = _GROUPED_MM(xs, gate_up.transpose(-2, -1), offs=offs)  # [N, 2I]
+        h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
+        ys = _GROUPED_MM(h, down.transpose(-2, -1), offs=offs)  # [N, H]
+    else:
+        sizes = counts.tolist()
+        hit = [(e, n) for e, n in enumerate(sizes) if n]
+        gu = x.new_empty(N, 2 * I)
+        start = 0
+        for e, n in hit:
+            torch.mm(xs[start : start + n], gate_up[e].T, out=gu[start : start + n])
             start += n
-    ys = ys * w.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token, ys)
+        h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
+        ys = x.new_empty(N, H)
+        start = 0
+        for e, n in hit:
+            torch.mm(h[start : start + n], down[e].T, out=ys[start : start + n])
+            start += n
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N, device=order.device)  # sorted position of pair (t, j)
+    return ys.index_select(0, inverse).view(T, k, H).sum(dim=1)  # [T, H]
 
 
-BACKENDS = {"loop": experts_loop, "sorted": experts_sorted}
+def experts_grouped(x, idx, w, gate_up, down) -> torch.Tensor:
+    """`sorted` forced through torch's grouped GEMM (raises where it does not run)."""
+    if not grouped_mm_available(x.device, x.dtype):
+        raise RuntimeError(f"torch grouped_mm is not available for {x.dtype} on {x.device.type}")
+    return experts_sorted(x, idx, w, gate_up, down, grouped=True)
+
+
+def experts_segments(x, idx, w, gate_up, down) -> torch.Tensor:
+    """`sorted` with the per-segment matmul loop."""
+    return experts_sorted(x, idx, w, gate_up, down, grouped=False)
+
+
+def experts_batched(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Gather each pair's expert weights and bmm: one kernel per projection, no sort, no host sync.
+    It copies k experts' weights per token, so it only pays for a handful of tokens."""
+    T, k = idx.shape
+    H, I = down.shape[1], down.shape[2]
+    flat = idx.flatten()  # [N]
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N, H, 1]
+    gu = torch.bmm(gate_up.index_select(0, flat), xs).squeeze(-1)  # [N, 2I]
+    h = F.silu(gu[:, :I]) * gu[:, I:] * w.reshape(-1, 1)  # [N, I]
+    ys = torch.bmm(down.index_select(0, flat), h.unsqueeze(-1)).squeeze(-1)  # [N, H]
+    return ys.view(T, k, H).sum(dim=1)
+
+
+AUTO_BATCHED_MAX_PAIRS = 8  # `auto` picks `batched` for at most this many (token, expert) pairs...
+AUTO_BATCHED_MAX_BYTES = 32 * 2**20  # ...when the weights it gathers are this small (else it is a copy of them)
+
+
+def choose_backend(T: int, k: int, gate_up: torch.Tensor, down: torch.Tensor) -> str:
+    """What `auto` runs for T tokens: `batched` for a handful of pairs of small experts (one kernel
+    beats per-expert launches there), else `sorted` (grouped GEMM where torch has it)."""
+    pair_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    if gate_up.device.type == "cuda" and T * k <= AUTO_BATCHED_MAX_PAIRS and T * k * pair_bytes <= AUTO_BATCHED_MAX_BYTES:
+        return "batched"
+    return "sorted"
+
+
+def experts_auto(x, idx, w, gate_up, down) -> torch.Tensor:
+    return BACKENDS[choose_backend(idx.shape[0], idx.shape[1], gate_up, down)](x, idx, w, gate_up, down)
+
+
+BACKENDS = {
+    "loop": experts_loop,
+    "sorted": experts_sorted,
+    "batched": experts_batched,
+    "auto": experts_auto,
+    "grouped": experts_grouped,
+    "segments": experts_segments,
+}
+BACKEND_NAMES = tuple(BACKENDS)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {name!r} (have: {', '.join(BACKEND_NAMES)})")
+    return name
 
 
 def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_routing: bool = False):
@@ -113,7 +227,7 @@ def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_ro
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # [T, H]
     idx, w = route(x2, m.router, m.router_weight, m.bias)
-    out = BACKENDS[backend](x2, idx, w, m.gate_up, m.down)
+    out = BACKENDS[check_backend(backend)](x2, idx, w, m.gate_up, m.down)
     if m.shared is not None:
         shared = m.shared(x2)
         if m.shared_gate is not None:
