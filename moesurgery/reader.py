@@ -35,8 +35,8 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors JSON header of one file (8-byte length + JSON), without mapping the data."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(JSON header, data size) of one safetensors file (8-byte length + JSON), without mapping the data."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -50,7 +50,7 @@ def _read_header(path: Path) -> dict:
         raise BadInputError(f"{path.name}: unreadable safetensors header ({e.__class__.__name__})") from e
     if not isinstance(header, dict):
         raise BadInputError(f"{path.name}: unreadable safetensors header")
-    return header
+    return header, path.stat().st_size - 8 - n
 
 
 class TensorInfo:
@@ -114,13 +114,12 @@ class CheckpointReader:
 
     def _scan(self, files: list[Path]) -> None:
         for path in files:
-            header = _read_header(path)
+            header, data_size = _read_header(path)
             meta = header.pop("__metadata__", None) or {}
             if not isinstance(meta, dict):
                 raise BadInputError(f"{path.name}: malformed __metadata__ in the safetensors header")
             if not self.metadata:
                 self.metadata = dict(meta)
-            data_size = path.stat().st_size - 8 - int.from_bytes(path.open("rb").read(8), "little")
             self.files.append(path)
             for key, entry in header.items():
                 if key in self.tensors:
