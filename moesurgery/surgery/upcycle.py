@@ -113,25 +113,38 @@ def extract_shared(moe: MoE, width: int, match: float = 1.0) -> tuple[MoE, list[
         return moe, [], {}
     if width >= f:
         raise ValueError(f"shared width {width} must be smaller than the expert width {f}")
-    feats = []
+    def features(e: SwiGLU) -> torch.Tensor:  # [f, 3H]: neuron i's gate row, up row and down column
+        return torch.cat([e.gate.load().float(), e.up.load().float(), e.down.load().float().T], dim=1)
+
+    # one expert at a time (a Mixtral-8x7B layer in fp32 would not fit twice in memory)
+    unit_sum = None
     for e in moe.experts:
-        g, u, d = e.gate.load().float(), e.up.load().float(), e.down.load().float()
-        feats.append(torch.cat([g, u, d.T], dim=1))  # [f, 3H]
-    stack = torch.stack(feats)  # [E, f, 3H]
-    unit = torch.nn.functional.normalize(stack, dim=-1)
-    mean_unit = unit.mean(0)  # [f, 3H]
-    # mean pairwise cosine = (|sum|^2 - E) / (E (E - 1))
-    similarity = ((mean_unit * E).pow(2).sum(-1) - E) / (E * (E - 1)) if E > 1 else torch.ones(f)
+        unit = torch.nn.functional.normalize(features(e), dim=-1)
+        unit_sum = unit if unit_sum is None else unit_sum.add_(unit)
+        del unit
+    # mean pairwise cosine = (|sum of unit vectors|^2 - E) / (E (E - 1))
+    similarity = (unit_sum.pow(2).sum(-1) - E) / (E * (E - 1)) if E > 1 else torch.ones(f)
+    del unit_sum
     chosen = similarity.topk(width).indices.sort().values
+    total, first, identical = None, None, True
+    for e in moe.experts:
+        rows = features(e)[chosen]  # [width, 3H]
+        if first is None:
+            first, total = rows, rows.clone()
+        else:
+            identical = identical and torch.equal(rows, first)
+            total += rows
+    mean = first if identical else total / E  # [width, 3H]
     keep = torch.tensor(sorted(set(range(f)) - set(chosen.tolist())))
-    weight_sum = 1.0 if r.renormalize and r.scoring == "softmax" else None
-    identical = bool((stack[:, chosen] == stack[0:1, chosen]).all())
+    weight_sum = r.scaling if r.renormalize else None  # the routed weights of a token sum to this
     lossy = []
     if weight_sum is None:
-        lossy.append("routing weights do not sum to 1: shared neurons change the output")
+        lossy.append("routing weights do not sum to a constant (no renormalisation): shared neurons change the output")
+        weight_sum = 1.0
+    if weight_sum != 1.0:
+        mean[:, 2 * mean.shape[1] // 3 :] *= weight_sum
     if not identical:
         lossy.append("shared neurons are the mean of neuron positions that differ across experts (similarity in `measured`)")
-    mean = stack[:, chosen].mean(0)  # [width, 3H]
     H = moe.experts[0].gate.shape[1]
     dtype = moe.experts[0].gate.dtype
     shared_new = SwiGLU(Lazy.of(mean[:, :H].to(dtype)), Lazy.of(mean[:, H : 2 * H].to(dtype)), Lazy.of(mean[:, 2 * H :].T.contiguous().to(dtype)))
