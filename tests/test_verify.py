@@ -341,6 +341,15 @@ def test_bfloat16_still_sees_lossy(lossy_pair):
     assert verify(*lossy_pair, dtype=torch.bfloat16)["verdict"] == "lossy"
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: heads not a multiple of kv heads passes validation; verify crashes (RuntimeError, exit 1)")
+def test_heads_not_multiple_of_kv_heads_is_bad_input(capsys, tmp_path):
+    path = tmp_path / "odd"
+    write_llama(path, layers=1, hidden=64, inter=128, vocab=VOCAB_SIZE, heads=3, kv_heads=2, head_dim=16)
+    code, _, err = cli(capsys, path, path)
+    assert code == 3
+    assert_one_error(err, "num_key_value_heads")
+
+
 # ------------------------------------------------------------------------------------------ json
 def _no_constants(name):
     raise ValueError(f"non-standard JSON constant {name}")
@@ -378,20 +387,22 @@ def test_json_stays_valid_when_a_reference_block_is_zero(capsys, checkpoint, tmp
 MEM_LAYERS, MEM_HIDDEN, MEM_INTER, MEM_VOCAB, MEM_HEADS = 8, 1024, 4096, 256, 8
 
 
-def write_big_llama(path: Path) -> int:
-    """A llama checkpoint with one fp32 shard per layer (~67 MB each), no transformers. Returns layer bytes."""
+def write_llama(path: Path, *, layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """A llama checkpoint with one fp32 shard per layer, written with safetensors only (no transformers).
+    Returns the bytes of one decoder layer."""
     path.mkdir(parents=True)
-    H, I, V, n = MEM_HIDDEN, MEM_INTER, MEM_VOCAB, MEM_LAYERS + 1
+    H, I, V, n = hidden, inter, vocab, layers + 1
     gen = torch.Generator().manual_seed(0)
 
     def w(*shape):
         return torch.randn(*shape, generator=gen) * 0.02
 
     weight_map, layer_bytes = {}, 0
-    for i in range(MEM_LAYERS + 1):
+    for i in range(n):
         p = f"model.layers.{i}."
-        if i < MEM_LAYERS:
-            tensors = {p + f"self_attn.{x}_proj.weight": w(H, H) for x in "qkvo"}
+        if i < layers:
+            tensors = {p + "self_attn.q_proj.weight": w(heads * head_dim, H), p + "self_attn.o_proj.weight": w(H, heads * head_dim)}
+            tensors |= {p + "self_attn.k_proj.weight": w(kv_heads * head_dim, H), p + "self_attn.v_proj.weight": w(kv_heads * head_dim, H)}
             tensors |= {p + "mlp.gate_proj.weight": w(I, H), p + "mlp.up_proj.weight": w(I, H), p + "mlp.down_proj.weight": w(H, I)}
             tensors |= {p + "input_layernorm.weight": torch.ones(H), p + "post_attention_layernorm.weight": torch.ones(H)}
             layer_bytes = sum(t.nbytes for t in tensors.values())
@@ -403,11 +414,17 @@ def write_big_llama(path: Path) -> int:
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": I,
-        "num_hidden_layers": MEM_LAYERS, "num_attention_heads": MEM_HEADS, "num_key_value_heads": MEM_HEADS,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
         "vocab_size": V, "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "torch_dtype": "float32",
     }
     (path / "config.json").write_text(json.dumps(config))
     return layer_bytes
+
+
+def write_big_llama(path: Path) -> int:
+    """8 layers of ~67 MB (fp32, hidden 1024, intermediate 4096), vocabulary 256."""
+    return write_llama(path, layers=MEM_LAYERS, hidden=MEM_HIDDEN, inter=MEM_INTER, vocab=MEM_VOCAB,
+                       heads=MEM_HEADS, kv_heads=MEM_HEADS, head_dim=MEM_HIDDEN // MEM_HEADS)
 
 
 MEMORY_SCRIPT = textwrap.dedent(
