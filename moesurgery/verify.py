@@ -9,6 +9,7 @@ agreement, KL, perplexity). Tensors that should be untouched are compared byte f
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .canonical import Model, MoE
 from .errors import BadInputError, UsageError
 from .model_io import Opened, open_model
-from .runtime.model import Runtime, ffn_forward, load_ffn
+from .runtime.model import LoadedLayer, Runtime, ffn_forward, load_ffn
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -134,27 +135,44 @@ def verify(
     changed: list[str] = []
     untouched = 0
 
-    def compare(name: str, a, b):
+    def tally(name: str, same: bool) -> bool:
         nonlocal untouched
-        if identical(a.load() if a is not None else None, b.load() if b is not None else None):
+        if same:
             untouched += 1
         else:
             changed.append(name)
+        return same
 
-    compare("model.embed_tokens.weight", ref.embed, cand.embed)
-    compare("model.norm.weight", ref.norm, cand.norm)
-    compare("lm_head.weight", ref.lm_head or ref.embed, cand.lm_head or cand.embed)
+    def compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return tally(name, identical(a, b))
 
-    with torch.no_grad():
+    def load_pair(i: int):
+        """Both models' layer i: raw attention tensors read once, compared, then cast for compute."""
+        r_layer, c_layer = ref.layers[i], cand.layers[i]
+        r_raw = {k: v.load() for k, v in r_layer.attn.items()}
+        c_raw = {k: v.load() for k, v in c_layer.attn.items()}
+        same = [identical(r_raw.get(k), c_raw.get(k)) for k in sorted(set(r_raw) | set(c_raw))]
+        names = sorted(set(r_raw) | set(c_raw))
+        r_w = LoadedLayer(i, {k: t.to(r_rt.device, dtype) for k, t in r_raw.items()}, load_ffn(r_layer.ffn, r_rt.device, dtype))
+        c_w = LoadedLayer(i, {k: t.to(c_rt.device, dtype) for k, t in c_raw.items()}, load_ffn(c_layer.ffn, c_rt.device, dtype))
+        return list(zip(names, same)), r_w, c_w
+
+    compare("model.embed_tokens.weight", ref.embed.load(), cand.embed.load())
+    compare("model.norm.weight", ref.norm.load(), cand.norm.load())
+    compare("lm_head.weight", (ref.lm_head or ref.embed).load(), (cand.lm_head or cand.embed).load())
+
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=1) as prefetch:
         positions = torch.arange(ids.shape[1], device=r_rt.device)
         r_rope, c_rope = r_rt.rope(positions), c_rt.rope(positions)
         x_r, x_c = r_rt.embed(ids), c_rt.embed(ids)
         layers = []
-        for i in range(len(ref.layers)):
-            r_layer, c_layer = ref.layers[i], cand.layers[i]
-            for key in sorted(set(r_layer.attn) | set(c_layer.attn)):
-                compare(f"model.layers.{i}.{key}", r_layer.attn.get(key), c_layer.attn.get(key))
-            r_w, c_w = r_rt.layer(i), c_rt.layer(i)
+        n = len(ref.layers)
+        pending = prefetch.submit(load_pair, 0) if n else None
+        for i in range(n):
+            same_attn, r_w, c_w = pending.result()
+            pending = prefetch.submit(load_pair, i + 1) if i + 1 < n else None  # read the next layer meanwhile
+            attn_untouched = all([tally(f"model.layers.{i}.{k}", same) for k, same in same_attn])
+            in_step = torch.equal(x_c, x_r)  # the candidate's stream still equals the reference's
             x_r, _ = r_rt.attention(x_r, r_w, positions, r_rope)
             h = r_rt.ffn_input(x_r, r_w)  # the reference's real FFN input, fed to both blocks
             y_r, idx_r = ffn_forward(h, r_w.ffn, backend, return_routing=True)
@@ -162,14 +180,17 @@ def verify(
             abs_err, rel_err = errors(y_c, y_r)
             layers.append({
                 "index": i,
-                "reference_kind": "moe" if isinstance(r_layer.ffn, MoE) else "dense",
-                "candidate_kind": "moe" if isinstance(c_layer.ffn, MoE) else "dense",
+                "reference_kind": "moe" if isinstance(ref.layers[i].ffn, MoE) else "dense",
+                "candidate_kind": "moe" if isinstance(cand.layers[i].ffn, MoE) else "dense",
                 "max_abs_err": abs_err,
                 "rel_err": rel_err,
                 "routing_agreement": routing_agreement(idx_r, idx_c),
             })
+            if in_step and attn_untouched:  # same input, same attention: the candidate's layer is x_r + y_c
+                x_c = x_r + y_c
+            else:
+                x_c, _ = c_rt.decoder_layer(x_c, c_w, positions, c_rope)
             x_r = x_r + y_r
-            x_c, _ = c_rt.decoder_layer(x_c, c_w, positions, c_rope)
             del r_w, c_w
         logits_r, logits_c = r_rt.head(x_r), c_rt.head(x_c)  # [B, T, V] fp32
 

@@ -341,7 +341,6 @@ def test_bfloat16_still_sees_lossy(lossy_pair):
     assert verify(*lossy_pair, dtype=torch.bfloat16)["verdict"] == "lossy"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: heads not a multiple of kv heads passes validation; verify crashes (RuntimeError, exit 1)")
 def test_heads_not_multiple_of_kv_heads_is_bad_input(capsys, tmp_path):
     path = tmp_path / "odd"
     write_llama(path, layers=1, hidden=64, inter=128, vocab=VOCAB_SIZE, heads=3, kv_heads=2, head_dim=16)

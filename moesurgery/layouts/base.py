@@ -100,6 +100,9 @@ class Layout:
         f = self.name
         hidden = int(need(cfg, "hidden_size", f))
         heads = int(need(cfg, "num_attention_heads", f))
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+            raise BadInputError(f"config.json: num_attention_heads ({heads}) is not a positive multiple of num_key_value_heads ({kv_heads})")
         theta, scaling, partial = read_rope(cfg, self.default_rope_theta, self.default_partial_rotary)
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range") if k in cfg}

@@ -38,8 +38,13 @@ def load_swiglu(f: SwiGLU, device, dtype) -> SwiGLUWeights:
 def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
     if isinstance(ffn, SwiGLU):
         return load_swiglu(ffn, device, dtype)
-    gate_up = torch.stack([torch.cat([_load(e.gate, device, dtype), _load(e.up, device, dtype)]) for e in ffn.experts])  # [E, 2I, H]
-    down = torch.stack([_load(e.down, device, dtype) for e in ffn.experts])  # [E, H, I]
+    E, (I, H) = len(ffn.experts), ffn.experts[0].gate.shape
+    gate_up = torch.empty(E, 2 * I, H, device=device, dtype=dtype)  # [E, 2I, H]: gate rows, then up rows
+    down = torch.empty(E, H, I, device=device, dtype=dtype)  # [E, H, I]
+    for e, expert in enumerate(ffn.experts):  # copy_ casts in place: no per-expert temporaries
+        gate_up[e, :I].copy_(expert.gate.load())
+        gate_up[e, I:].copy_(expert.up.load())
+        down[e].copy_(expert.down.load())
     r = ffn.router
     return MoEWeights(
         router=r,
