@@ -38,6 +38,23 @@ def _dense_only(model: Model, what: str) -> None:
         raise BadInputError(f"{model.family} is already an MoE: {what} needs a dense source (use --granularity to split experts)")
 
 
+def _once(items: list[str], text: str) -> None:
+    if text not in items:
+        items.append(text)
+
+
+def mean_of_experts(moe: MoE) -> SwiGLU:
+    """A dense FFN computing the uniform average of all experts (+ shared): every expert's neurons
+    side by side, down_proj / E. Equals the MoE only when routing is uniform over all experts."""
+    from .surgery.slicing import concat_neurons
+
+    E = len(moe.experts)
+    parts = [replace(e, down=e.down.scale(1.0 / E)) for e in moe.experts]
+    if moe.shared is not None and moe.shared_gate is None:
+        parts.append(moe.shared)
+    return concat_neurons(parts)
+
+
 def _finish(
     opened: Opened, model: Model, target: Layout, output, *, operation: str, surgery_lossy: list[str], measured: list[dict],
     allow_lossy: bool, dry_run: bool, overwrite: bool, max_shard_size: int, command: str, expect_exact: bool,
@@ -203,9 +220,14 @@ def upcycle(
             raise UsageError("an MoE source is upcycled with --granularity M [--shared S]; experts and top-k follow from them")
         if shared >= granularity:
             raise UsageError(f"--shared {shared} must be smaller than --granularity {granularity}")
+        if not 0 <= first_k_dense < len(model.layers):
+            raise UsageError(f"--first-k-dense {first_k_dense} must be between 0 and {len(model.layers) - 1}")
         for layer in model.layers:
             ffn = layer.ffn
-            if isinstance(ffn, MoE):
+            if isinstance(ffn, MoE) and layer.index < first_k_dense:
+                ffn = mean_of_experts(ffn)
+                _once(lossy, "first layers made dense as the mean of their experts (first_k_dense_replace)")
+            elif isinstance(ffn, MoE):
                 f = ffn.expert_width
                 if f % granularity:
                     raise UsageError(f"--granularity {granularity} does not divide the expert width {f}")

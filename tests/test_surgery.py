@@ -225,3 +225,12 @@ def test_mtp_layers_are_kept_by_convert_and_dropped_by_surgery(checkpoint, tmp_p
     assert any("multi-token-prediction" in n for n in report["notes"])
     assert "model.layers.3.eh_proj.weight" not in CheckpointReader(tmp_path / "fine")
     assert json.loads((tmp_path / "fine" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_mixtral_first_k_dense_is_mean_of_experts_and_measured(checkpoint, tmp_path):
+    report = upcycle(checkpoint("mixtral"), tmp_path / "out", granularity=2, first_k_dense=1)
+    assert report["verdict"] == "lossy" and report["moe_layers"] == 1
+    assert any("mean of their experts" in r for r in report["lossy_reasons"])
+    model = open_model(tmp_path / "out").model
+    assert isinstance(model.layers[0].ffn, SwiGLU) and model.layers[0].ffn.width == 4 * 48
+    assert report["check"]["layers"][1]["rel_err"] < 1e-5  # the MoE layer is still exact
