@@ -236,7 +236,7 @@ def upcycle(
     experts: Optional[int] = typer.Option(None, "--experts", "-n", help="Dense source: routed experts N (a multiple of G)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Dense source: routed experts per token (a multiple of G)."),
     shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Always-on experts: carved from the FFN (dense) or extracted from what experts share (MoE)."),
-    first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Dense source: keep the first K layers dense."),
+    first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="First K layers dense: kept as they are (dense source) or the mean of their experts (MoE source, lossy)."),
     router_noise: Optional[float] = typer.Option(None, "--router-noise", help="Symmetry breaking: std of noise on router rows (lossy)."),
     reinit_fraction: Optional[float] = typer.Option(None, "--reinit-fraction", help="Drop-Upcycling: re-initialise this fraction of each expert (lossy)."),
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
@@ -339,10 +339,114 @@ def print_verification(r: dict) -> None:
         stdout.print(f"perplexity: reference {p['reference']:.3f}, candidate {p['candidate']:.3f} (x{p['candidate'] / p['reference']:.3f})")
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench(ctx: typer.Context):
-    """(planned) Throughput before and after surgery, against the device roofline."""
-    _not_built("bench")
+@app.command()
+def bench(
+    models: Optional[list[str]] = typer.Argument(None, metavar="SOURCE [CANDIDATE]", help="Checkpoints (local dir, Hub org/name, tiny:<family>): the source, then candidates; none with --synthetic."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random weights with real shapes: mixtral-8x7b, mixtral-8x22b, deepseek-v3, qwen1.5-moe, qwen3-30b-a3b, olmoe."),
+    scale: int = typer.Option(1, "--scale", help="--synthetic: divide hidden size, expert/shared widths, vocabulary and heads by this."),
+    granularity: Optional[int] = typer.Option(None, "--granularity", "-m", help="Add a candidate: SOURCE with every expert split into M finer experts (exact, in memory)."),
+    shared: int = typer.Option(0, "--shared", "-s", help="With --granularity: S of the M slices become shared experts (as `upcycle`)."),
+    tokens: str = typer.Option("1,16,256,4096", "--tokens", help="Prefill / block token counts T."),
+    batch: str = typer.Option("1,16", "--batch", help="Decode batch sizes B (one new token per sequence)."),
+    context: int = typer.Option(128, "--context", help="Decode: tokens already in the KV cache."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Bench only the first N decoder layers (synthetic default: 1)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (CPU default), bfloat16 (CUDA default), float16."),
+    backend: str = typer.Option("auto", "--backend", help="MoE dispatch: auto, sorted, loop, batched, grouped, segments."),
+    measure: str = typer.Option("block,prefill,decode", "--measure", help="What to time: block, prefill, decode (comma separated)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs per point (median; fewer when one run takes > 3 s)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights (synthetic) and inputs."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the spot check that candidates compute the source's function."),
+    quick: bool = typer.Option(False, "--quick", help="Small roofline probes and single runs (smoke tests)."),
+    json_out: bool = JsonOpt,
+):
+    """Throughput of SOURCE and CANDIDATEs (MoE block, prefill, decode) against this device's roofline.
+
+    Each point reports tokens/s, achieved GB/s and TFLOP/s and the fraction of the roofline
+    max(bytes / bandwidth, FLOPs / peak), with bandwidth (large copy) and peak (large matmul) measured
+    in the same run; candidates get time ratios candidate/source and a spot check (verify's block
+    check on random hidden states): exact or lossy.
+
+    \b
+    Examples:
+      moesurgery bench tiny:mixtral --granularity 8 --tokens 1,64 --batch 1
+      moesurgery bench --synthetic mixtral-8x7b --scale 4 --granularity 8 --measure block
+      moesurgery bench mistralai/Mixtral-8x7B-v0.1 ./mixtral-fine --layers 2 --device cuda
+
+    \b
+    --json schema:
+      {"device", "device_name", "torch", "dtype", "backend", "grouped_mm": bool, "sorted_path", "settings": {...},
+       "roofline": {"bandwidth_gbps", "peak_tflops", "copy_bytes", "matmul_n"},
+       "models": [{"name", "layout", "experts", "top_k", "expert_width", "shared_width", "layers",
+                   "block":   [{"tokens", "seconds", "tokens_per_s", "gbps", "tflops", "roofline_seconds",
+                                "roofline_fraction", "bound", "bytes", "flops", "experts_touched"}],
+                   "prefill": [{"tokens", ...same fields}],
+                   "decode":  [{"batch", "context", ...same fields}], "backend_rel_err"}],
+       "ratios": [{"candidate", "block": [{"tokens", "time_ratio"}], "prefill": [...], "decode": [{"batch", "time_ratio"}]}],
+       "check":  [{"candidate", "verdict": "exact"|"lossy"|"skipped", "rel_err", "layers"}], "notes": [...]}
+    """
+    from .bench import PARTS, BenchOptions, parse_ints, run_bench
+    from .verify import parse_dtype
+
+    models = models or []
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    parts = tuple(p.strip() for p in measure.split(",") if p.strip())
+    if not parts or set(parts) - set(PARTS):
+        raise UsageError(f"--measure: choose from {', '.join(PARTS)} (comma separated), not {measure!r}")
+    if repeats < 1:
+        raise UsageError("--repeats must be >= 1")
+    options = BenchOptions(
+        tokens=parse_ints("--tokens", tokens), batches=parse_ints("--batch", batch), context=context, device=device, dtype=parse_dtype(dtype),
+        backend=backend, layers=layers, parts=parts, repeats=repeats, seed=seed, check=not no_check, quick=quick,
+    )
+    report = run_bench(models[0] if models else None, models[1:], synthetic=synthetic, scale=scale, granularity=granularity, shared=shared, options=options)
+    if json_out:
+        return emit_json(report)
+    print_bench(report)
+
+
+def print_bench(r: dict) -> None:
+    from .bench import fmt_seconds
+
+    roof = r["roofline"]
+    via = "torch grouped_mm" if r["sorted_path"] == "grouped_mm" else "a matmul per expert segment"
+    stdout.print(f"{r['device']} ({r['device_name']}), {r['dtype']}, backend {r['backend']}" + (f" (sorted runs {via})" if r["backend"] in ("auto", "sorted") else ""))
+    stdout.print(f"roofline measured now: {roof['bandwidth_gbps']:.1f} GB/s (copy of {human_bytes(roof['copy_bytes'])}), "
+                 f"{roof['peak_tflops']:.3f} TFLOP/s ({roof['matmul_n']}^2 matmul)")
+    models = r["models"]
+    for i, m in enumerate(models):
+        role = "src" if i == 0 else f"c{i}"
+        moe = f"{m['experts']} experts x {m['expert_width']}, top-{m['top_k']}" + (f", shared width {m['shared_width']}" if m["shared_width"] else "") if m["experts"] else "dense"
+        stdout.print(f"{role}: {m['name']} ({m['layout']}, {m['layers']} layer{'s' if m['layers'] != 1 else ''}): {moe}")
+    sections = (("block", "tokens", "MoE block" + (f" (layer {models[0].get('block_layer')})" if models[0].get("block_layer") is not None else "")),
+                ("prefill", "tokens", "prefill (1 sequence of T tokens)"), ("decode", "batch", f"decode (B sequences, 1 token each, context {r['settings']['context']})"))
+    for part, key, title in sections:
+        if not models[0][part]:
+            continue
+        table = Table(title=title)
+        for col in ("T" if key == "tokens" else "B", "model", "time", "tok/s", "GB/s", "TFLOP/s", "roofline", "vs src"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for j, row0 in enumerate(models[0][part]):
+            for i, m in enumerate(models):
+                row = m[part][j]
+                ratio = "" if i == 0 else f"{row['seconds'] / row0['seconds']:.2f}x"
+                table.add_row(str(row0[key]) if i == 0 else "", "src" if i == 0 else f"c{i}", fmt_seconds(row["seconds"]),
+                              f"{row['tokens_per_s']:,.0f}", f"{row['gbps']:.1f}", f"{row['tflops']:.3f}",
+                              f"{row['roofline_fraction']:.0%} {row['bound'][:3]}", ratio, end_section=i == len(models) - 1 and len(models) > 1)
+        stdout.print(table)
+    for m in models:
+        if m.get("backend_rel_err") is not None and m["backend_rel_err"] > 1e-3:
+            stdout.print(f"[yellow]warning:[/yellow] {m['name']}: backend {r['backend']} differs from the loop by {m['backend_rel_err']:.2e} (relative)")
+    for c in r["check"]:
+        if c["verdict"] == "skipped":
+            stdout.print(f"check {c['candidate']}: skipped ({c['reason']})")
+        else:
+            exact = c["verdict"] == "exact"
+            what = "[green]exact[/green]: computes the source's function" if exact else "[yellow]lossy[/yellow]: not the source's function"
+            stdout.print(f"check {c['candidate']}: {what} (max rel err {c['rel_err']:.2e}; FFN blocks of layers {c['layers']}, {c['inputs']})")
+    for note in r["notes"]:
+        stdout.print(f"note: {note}")
 
 
 # ------------------------------------------------------------------------------------------ entry

@@ -141,21 +141,6 @@ def test_no_arguments_prints_help_without_empty_error_line(capsys):
     assert not any(line.strip() == "error:" for line in err.splitlines()), err
 
 
-def planned_commands() -> list[str]:
-    group = typer.main.get_command(cli.app)
-    return [n for n, c in group.commands.items() if (c.help or "").startswith("(planned)")]
-
-
-@pytest.mark.parametrize("name", ["split-experts", "upcycle", "verify", "bench"])
-@pytest.mark.parametrize("extra", [[], ["tiny:mixtral", "out", "--some-option", "3"]])
-def test_planned_commands_exit_2(capsys, tmp_path, name, extra):
-    if name not in planned_commands():
-        pytest.skip(f"{name} is built now")
-    line = assert_error(run(capsys, name, *extra), 2, contains=(name, "not built"))
-    assert line.startswith("error: ")
-    assert not (tmp_path / "out").exists()
-
-
 def test_subprocess_smoke(tiny_cache):
     env = {**os.environ, "MOESURGERY_CACHE": str(tiny_cache)}
     r = subprocess.run([sys.executable, "-m", "moesurgery", "--version"], capture_output=True, text=True, env=env, timeout=120)

@@ -6,6 +6,14 @@ Router (see canonical.Router):
     choice = s + bias, masked to the best topk_group of n_group groups
     idx    = top_k(choice)                             # [T, k]
     w      = s[idx] (/ sum) * scaling                  # [T, k]
+
+Expert dispatch backends (`moe_forward(x, m, backend)`), all computing the same sum:
+    loop      one pass per expert hit: where(idx == e), gather, 2 matmuls, index_add_ (transformers' eager)
+    sorted    argsort the T*k pairs by expert once; one matmul per contiguous segment (torch grouped_mm
+              on CUDA bf16, else a loop over the segments); combine = gather back + sum over k
+    batched   gather each pair's expert weights, bmm: no sort, no host sync; copies k experts per token
+    auto      `choose_backend`: batched for a handful of pairs of small experts on CUDA, else sorted
+    grouped   sorted through torch grouped_mm (where it runs), segments: sorted through the loop
 """
 
 from __future__ import annotations
@@ -120,47 +128,82 @@ def _aligned(*ts: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
+WEIGHT_MAJOR_ROWS = 8  # CPU: segments of at most this many rows run as W @ x.T (see experts_sorted)
+
+
+def _segment_mm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight_major: bool) -> None:
+    """out [n, M] = a [n, K] @ weight [M, K].T"""
+    if weight_major:  # MKL runs x @ W.T with a few rows slower than the tall-skinny W @ x.T
+        out.copy_(torch.mm(weight, a.T).T)
+    else:
+        torch.mm(a, weight.T, out=out)
+
+
+CHAIN_BYTES = 4 * 2**20  # CPU: past this much [T*k, 2I + H] work, each segment runs its whole chain while it is in cache
+
+
+def _segments(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) of each non-empty segment; one host sync."""
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out.append((e, start, n))
+            start += n
+    return out
+
+
 def experts_sorted(
     x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, grouped: bool | None = None
 ) -> torch.Tensor:
-    """Sort the T*k (token, slot) pairs by expert once; one matmul per contiguous segment.
+    """Sort the T*k (token, slot) pairs by expert once (one argsort, one bincount); one matmul per
+    contiguous segment; the routing weight scales h before down_proj, and each result row is written
+    to its (token, slot) row of a [T*k, H] buffer, summed over k at the end (no index_add_).
 
-    grouped=None: torch's grouped GEMM when it runs on this device/dtype (one call for all
-    segments, no host sync), else a loop over the non-empty segments (2 matmuls per expert hit,
-    everything else vectorised). The routing weight scales h before down_proj, so the combine is a
-    gather back to (token, slot) order and a sum over k (no index_add_)."""
+    grouped=None: torch's grouped GEMM on CUDA where it has its fast path (bf16, sm80+): one call for
+    all segments, no host sync. Elsewhere a loop over the non-empty segments:
+      - few pairs: gather all rows, 2 matmuls per expert hit, activation once for all rows;
+      - many pairs on CPU: per segment, gather -> gate_up -> SwiGLU -> down -> write, so the
+        [rows, 2I] intermediates stay in cache instead of streaming [T*k, 2I] through memory.
+    On CPU torch's grouped_mm is a C++ loop of the same x @ W.T matmuls, and MKL runs those slowly for
+    a few rows: short segments run weight-major (W @ x.T) instead."""
     T, k = idx.shape
     H, I = down.shape[1], down.shape[2]
     N = T * k
     flat = idx.flatten()  # [N]
-    order = flat.argsort(stable=True)  # [N] pair ids grouped by expert
-    xs = x.index_select(0, order // k)  # [N, H]
+    order = flat.argsort(stable=True)  # [N] pair ids (t*k + j) grouped by expert
+    token = order // k  # [N]
     ws = w.flatten().index_select(0, order).unsqueeze(1)  # [N, 1]
     counts = torch.bincount(flat, minlength=gate_up.shape[0])  # [E]
     if grouped is None:
-        grouped = grouped_mm_available(x.device, x.dtype) and _aligned(x, gate_up, down)
+        grouped = x.device.type == "cuda" and grouped_mm_available(x.device, x.dtype) and _aligned(x, gate_up, down)
+    cpu = x.device.type == "cpu"
+    buf = x.new_empty(N, H)  # [T*k, H] in (token, slot) order
     if grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E]
+        xs = x.index_select(0, token)  # [N, H]
         gu = _GROUPED_MM(xs, gate_up.transpose(-2, -1), offs=offs)  # [N, 2I]
         h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
-        ys = _GROUPED_MM(h, down.transpose(-2, -1), offs=offs)  # [N, H]
+        buf.index_copy_(0, order, _GROUPED_MM(h, down.transpose(-2, -1), offs=offs))
+    elif cpu and N * (2 * I + H) * x.element_size() > CHAIN_BYTES:
+        for e, a, n in _segments(counts):
+            small = n <= WEIGHT_MAJOR_ROWS
+            xe = x.index_select(0, token[a : a + n])  # [n, H]
+            gu = torch.mm(gate_up[e], xe.T).T if small else torch.mm(xe, gate_up[e].T)  # [n, 2I]
+            h = F.silu(gu[:, :I]).mul_(gu[:, I:]).mul_(ws[a : a + n])  # [n, I]
+            y = torch.mm(down[e], h.T).T if small else torch.mm(h, down[e].T)  # [n, H]
+            buf.index_copy_(0, order[a : a + n], y)
     else:
-        sizes = counts.tolist()
-        hit = [(e, n) for e, n in enumerate(sizes) if n]
+        segments = _segments(counts)
+        xs = x.index_select(0, token)  # [N, H]
         gu = x.new_empty(N, 2 * I)
-        start = 0
-        for e, n in hit:
-            torch.mm(xs[start : start + n], gate_up[e].T, out=gu[start : start + n])
-            start += n
+        for e, a, n in segments:
+            _segment_mm(xs[a : a + n], gate_up[e], gu[a : a + n], cpu and n <= WEIGHT_MAJOR_ROWS)
         h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
         ys = x.new_empty(N, H)
-        start = 0
-        for e, n in hit:
-            torch.mm(h[start : start + n], down[e].T, out=ys[start : start + n])
-            start += n
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(N, device=order.device)  # sorted position of pair (t, j)
-    return ys.index_select(0, inverse).view(T, k, H).sum(dim=1)  # [T, H]
+        for e, a, n in segments:
+            _segment_mm(h[a : a + n], down[e], ys[a : a + n], cpu and n <= WEIGHT_MAJOR_ROWS)
+        buf.index_copy_(0, order, ys)
+    return buf.view(T, k, H).sum(dim=1)  # [T, H]
 
 
 def experts_grouped(x, idx, w, gate_up, down) -> torch.Tensor:
