@@ -7,6 +7,9 @@ calibration hidden states (or random ones) and reported.
 Routing weights: the original FFN sums every neuron with weight 1, so the ideal MoE sums the chosen
 experts with weight 1. The router is renormalised and its rows are scaled so logits stay within
 +-LOGIT_RANGE: the chosen experts get nearly equal weights ~1/k, and k is folded into down_proj.
+So only the router's ranking matters: the ideal (oracle) picks the k experts carrying the most
+activation mass; `fitted` predicts each expert's mass from the hidden state by least squares
+(centred per token, since softmax ignores a per-token shift) and ranks by the prediction.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.
 
 def expert_mass(act: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
     """Activation mass each expert carries per token: [T, W] -> [T, N] (sum of |a| over its neurons)."""
-    return torch.stack([act[:, g].abs().sum(-1) for g in groups], dim=-1)
+    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    return act[:, torch.cat(groups)].abs() @ F.one_hot(owner, len(groups)).to(act.dtype)
 
 
 def build_router(kind: str, groups: list[torch.Tensor], gate: torch.Tensor, x: torch.Tensor | None, act: torch.Tensor | None, seed: int) -> torch.Tensor:
@@ -72,9 +76,11 @@ def build_router(kind: str, groups: list[torch.Tensor], gate: torch.Tensor, x: t
     if kind == "centroid":
         unit = F.normalize(gate.float(), dim=-1)
         return torch.stack([unit[g].mean(0) for g in groups])
-    # fitted: ridge regression of each expert's activation mass on the hidden state
+    # fitted: ridge regression of each expert's activation mass on the hidden state. The target is
+    # centred per token (softmax top-k ignores a per-token shift; the router has no bias) but not
+    # rescaled per expert: the ranking across experts is what the router must reproduce.
     mass = expert_mass(act, groups)  # [T, N]
-    mass = (mass - mass.mean(0)) / (mass.std(0) + 1e-6)
+    mass = mass - mass.mean(-1, keepdim=True)
     xf = x.float()
     lam = 1e-2 * xf.pow(2).mean() * xf.shape[0]
     w = torch.linalg.solve(xf.T @ xf + lam * torch.eye(H), xf.T @ mass)  # [H, N]
@@ -91,15 +97,17 @@ def moefy(ffn: SwiGLU, spec: MoefySpec, x: torch.Tensor | None = None, layer_ind
     act = activations(probe, gate, up)  # [T, W]
     all_neurons = torch.arange(W)
     shared_ids = torch.tensor([], dtype=torch.long)
+    active = active_mask(act, H) if x is not None and (S or spec.method == "coactivation") else None
     if S:
         if x is not None:
-            shared_ids = shared_by_frequency(active_mask(act, H), S * f)
+            shared_ids = shared_by_frequency(active, S * f)
         else:  # no calibration: the neurons with the largest typical contribution
             score = act.abs().mean(0) * down.norm(dim=0)
             shared_ids = score.topk(S * f).indices.sort().values
     routed_ids = all_neurons[~torch.isin(all_neurons, shared_ids)]
-    active = active_mask(act, H) if spec.method == "coactivation" else None
-    groups = partition(spec.method, routed_ids, N, gate=gate, up=up, active=active, seed=spec.seed + layer_index)
+    # coactivation refines its clusters for the top-k choice on each neuron's contribution |a| |down_i|
+    mass = act.abs() * down.norm(dim=0) if spec.method == "coactivation" else None
+    groups = partition(spec.method, routed_ids, N, gate=gate, up=up, active=active, seed=spec.seed + layer_index, mass=mass, top_k=K)
     rows = build_router(spec.router, groups, gate, probe, act, spec.seed + layer_index)  # [N, H]
     rows = rows * (LOGIT_RANGE / (probe @ rows.T).abs().max().clamp_min(1e-12))
     experts = [take_neurons(ffn, g, float(K)) for g in groups]
@@ -125,12 +133,16 @@ def neuron_weights(idx: torch.Tensor, w: torch.Tensor, groups: list[torch.Tensor
 
 def measure(moe: MoE, ffn_out, act, down, probe, groups, shared_ids, rows, K, scoring) -> dict:
     """Relative error of the MoE block against the dense FFN on the probe tokens, and of an
-    oracle router that picks the experts carrying the most activation mass (weight 1 each)."""
+    oracle router that picks the experts carrying the most activation mass. The oracle only replaces
+    the router's choice: its experts are weighted by the same renormalised scores (~1 each once k is
+    unfolded), so where both choose alike the two errors are equal."""
     W = act.shape[1]
     idx, w = route(probe, moe.router, rows, None)  # weights ~1/K; K is folded into down
     weights = neuron_weights(idx, w * K, groups, W)
     oracle_idx = expert_mass(act, groups).topk(K, dim=-1).indices
-    oracle = neuron_weights(oracle_idx, torch.ones_like(oracle_idx, dtype=torch.float32), groups, W)
+    logits = F.linear(probe.float(), rows.float())
+    scores = (logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)).gather(1, oracle_idx)
+    oracle = neuron_weights(oracle_idx, scores / (scores.sum(-1, keepdim=True) + 1e-20) * K, groups, W)
     if len(shared_ids):
         weights[:, shared_ids] = 1.0
         oracle[:, shared_ids] = 1.0

@@ -1,8 +1,10 @@
 """Partitions of FFN neurons into equal-size groups, each neuron used exactly once.
 
 contiguous | random (seeded) | kmeans (balanced clusters of normalised gate/up rows) |
-coactivation (balanced clusters of activation patterns on calibration tokens), plus the choice of
-always-on (shared) neurons by activation frequency (CMoE).
+coactivation (balanced clusters of activation patterns on calibration tokens, CMoE; then, given the
+neurons' activation mass and top-k, refined so each token's top-k experts carry as much of its mass
+as possible, see `refine_by_mass`), plus the choice of always-on (shared) neurons by activation
+frequency (CMoE).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
     descending similarity. sim [W, N] -> assignment [W]."""
     W, N = sim.shape
     order = sim.flatten().argsort(descending=True)
-    assignment = torch.full((W,), -1, dtype=torch.long)
+    assignment = [-1] * W  # plain lists: per-element tensor indexing would dominate the loop
     load = [0] * N
     remaining = W
     items, clusters = (order // N).tolist(), (order % N).tolist()
@@ -39,7 +41,7 @@ def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
             remaining -= 1
             if remaining == 0:
                 break
-    return assignment
+    return torch.tensor(assignment, dtype=torch.long)
 
 
 def balanced_kmeans(features: torch.Tensor, n: int, iters: int = 10, seed: int = 0) -> list[torch.Tensor]:
@@ -50,14 +52,38 @@ def balanced_kmeans(features: torch.Tensor, n: int, iters: int = 10, seed: int =
     centroids = x[torch.randperm(W, generator=gen)[:n]].clone()  # [n, D]
     assignment = None
     for _ in range(iters):
-        new = balanced_assign(x @ centroids.T, W // n)
+        new = balanced_assign(x @ centroids.T, -(-W // n))
         if assignment is not None and torch.equal(new, assignment):
             break
         assignment = new
-        for c in range(n):
-            members = x[assignment == c]
-            centroids[c] = F.normalize(members.mean(0), dim=0) if len(members) else centroids[c]
+        sums = F.one_hot(assignment, n).to(x.dtype).T @ x  # [n, D]
+        centroids = torch.where(sums.abs().sum(-1, keepdim=True) > 0, F.normalize(sums, dim=-1), centroids)
     return [torch.nonzero(assignment == c).flatten() for c in range(n)]
+
+
+def refine_by_mass(groups: list[torch.Tensor], mass: torch.Tensor, top_k: int, iters: int = 10) -> list[torch.Tensor]:
+    """Local search for the partition an oracle top-k router serves best.
+
+    mass [T, W] >= 0: what each neuron contributes per token (e.g. |activation| x |down column|);
+    groups: equal-size groups of neuron ids (columns of `mass`). Alternates (i) every token picks the
+    top_k groups carrying the most of its mass, (ii) every neuron moves to the group whose chosen
+    tokens it gives the most mass (balanced: equal sizes kept), until nothing moves. Step (ii)
+    maximises the captured mass for fixed choices, so it is k-means-like with token sets as centroids.
+    """
+    n = len(groups)
+    if top_k >= n or n == 1:
+        return groups
+    neurons = torch.cat(groups)
+    m = mass[:, neurons].float()  # [T, W']
+    assignment = torch.repeat_interleave(torch.arange(n), torch.tensor([len(g) for g in groups]))
+    for _ in range(iters):
+        em = m @ F.one_hot(assignment, n).to(m.dtype)  # [T, n] mass per group
+        chosen = torch.zeros_like(em).scatter_(1, em.topk(top_k, dim=-1).indices, 1.0)
+        new = balanced_assign(m.T @ chosen, len(neurons) // n)  # [W', n]: mass on the tokens choosing each group
+        if torch.equal(new, assignment):
+            break
+        assignment = new
+    return [neurons[assignment == c] for c in range(n)]
 
 
 def active_mask(activations: torch.Tensor, per_token: int) -> torch.Tensor:
@@ -83,6 +109,8 @@ def partition(
     up: torch.Tensor | None = None,
     active: torch.Tensor | None = None,  # [T, W] bool, calibration
     seed: int = 0,
+    mass: torch.Tensor | None = None,  # [T, W] >= 0, calibration: coactivation refines with it ...
+    top_k: int | None = None,  # ... for this many routed experts per token
 ) -> list[torch.Tensor]:
     """Split `neurons` into n equal groups by `method`; returns groups of neuron ids."""
     W = neurons.numel()
@@ -99,6 +127,8 @@ def partition(
         if active is None:
             raise ValueError("coactivation needs calibration activations")
         groups = balanced_kmeans(active[:, neurons].T.float(), n, seed=seed)
+        if mass is not None and top_k is not None:
+            groups = refine_by_mass(groups, mass[:, neurons], top_k)
     else:
         raise ValueError(f"unknown partition method {method!r} (have {', '.join(METHODS)})")
     return [neurons[g].sort().values for g in groups]
