@@ -29,7 +29,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_UNEXPECTED, EXIT_USAGE, BadInputError, MoeSurgeryError, UsageError, VerificationError
-from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .writer import parse_size
 
 app = typer.Typer(
     add_completion=False,

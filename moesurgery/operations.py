@@ -193,7 +193,6 @@ def _plan_moefy(ffn: SwiGLU, spec: MoefySpec) -> MoE:
     from .lazy import Lazy
     from .surgery.slicing import chunks, concat_neurons, take_neurons
 
-    f = ffn.width // (spec.experts + spec.shared)
     parts = [take_neurons(ffn, idx) for idx in chunks(ffn.width, spec.experts + spec.shared)]
     H = ffn.gate.shape[1]
     router = Router(Lazy.zeros((spec.experts, H), ffn.gate.dtype), spec.top_k, spec.scoring)

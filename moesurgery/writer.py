@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import BadInputError, UsageError
+from .errors import UsageError
 from .lazy import Lazy
 from .progress import byte_progress
 from .reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME

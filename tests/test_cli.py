@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file, save_file
 
 from moesurgery import __version__, cli

@@ -21,7 +21,7 @@ from moesurgery.convert import convert
 from moesurgery.errors import BadInputError, UsageError
 from moesurgery.verify import TOLERANCE, verify
 from tests.fixtures import FAMILIES, VOCAB_SIZE, _save_tokenizer
-from tests.test_convert import EXACT, GLM_LLAMA_ATTN, LOSSY, source
+from tests.test_convert import EXACT, LOSSY, source
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERT_KEY = "model.layers.1.block_sparse_moe.experts.2.w2.weight"

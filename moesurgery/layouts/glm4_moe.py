@@ -1,7 +1,6 @@
 """GLM-4.5 (glm4_moe): GQA attention (optional q/k/v bias, optional per-head qk-norm, partial
 rotary: 0.5 when absent) with DeepSeek-V3's sigmoid router and shared experts."""
 
-from .base import Layout
 from .deepseek import DeepseekFamily
 from .deepseek_v3 import SigmoidRouterMixin
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..canonical import FFN, Layer, Model, MoE, SwiGLU
+from ..canonical import FFN, Layer, Model, SwiGLU
 from ..lazy import Lazy
 from .attention import gqa_attention, rms_norm
 from .moe import MoEWeights, SwiGLUWeights, moe_forward
