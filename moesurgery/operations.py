@@ -107,11 +107,11 @@ def _finish(
     return report
 
 
-def _prepare(source, output, to: str, dry_run: bool, overwrite: bool) -> tuple[Opened, Layout]:
+def _prepare(source, output, to: str, dry_run: bool, overwrite: bool, opened: Opened | None = None) -> tuple[Opened, Layout]:
     target = get_layout(to)
     if not target.moe:
         raise BadInputError(f"--to {to} is a dense layout: surgery makes MoE checkpoints")
-    opened = open_model(source)
+    opened = opened or open_model(source)
     check_output_path(Path(output), opened.source.path, overwrite)
     return opened, target
 
@@ -124,11 +124,11 @@ def split_experts(
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
     training-free split into routed (+ shared) experts (lossy, measured)."""
-    probe = open_model(source)
-    is_moe = bool(probe.model.moe_layers())
+    opened = open_model(source)
+    is_moe = bool(opened.model.moe_layers())
     if to is None:
-        to = probe.layout.name if is_moe else "deepseek"
-    opened, target = _prepare(source, output, to, dry_run, overwrite)
+        to = opened.layout.name if is_moe else "deepseek"
+    opened, target = _prepare(source, output, to, dry_run, overwrite, opened)
     model = opened.model
     if is_moe:
         if granularity is None or experts is not None or top_k is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..canonical import Arch, Layer, Model, MoE, Router, SwiGLU
 from ..errors import BadInputError
 from ..lazy import Lazy
@@ -52,6 +54,11 @@ def read_rope(cfg: dict, default_theta: float, default_partial: float) -> tuple[
             scaling = None
     partial = float(cfg.get("partial_rotary_factor", default_partial) or default_partial)
     return theta, scaling or None, partial
+
+
+def router_settings(num_experts: int, top_k: int, scoring: str = "softmax", renormalize: bool = True, **settings) -> Router:
+    """A config's router settings; its weight is a placeholder that `read_moe` replaces per layer."""
+    return Router(Lazy.zeros((num_experts, 1), torch.float32), top_k, scoring, renormalize, **settings)
 
 
 @dataclass
@@ -280,7 +287,7 @@ class Layout:
     def moe_tensors(self, prefix: str, moe: MoE) -> list[PlannedTensor]:
         out = [PlannedTensor(prefix + self.router_key, moe.router.weight)]
         if self.bias_key:
-            bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), __import__("torch").float32)
+            bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), torch.float32)
             out.append(PlannedTensor(prefix + self.bias_key, bias))
         for j, e in enumerate(moe.experts):
             out += [PlannedTensor(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p]), getattr(e, p)) for p in PROJ]

@@ -5,11 +5,9 @@ norm_topk_prob), ungated shared experts of width moe_intermediate_size * n_share
 The DeepSeek-family helpers here are reused by deepseek_v2, deepseek_v3 and glm4_moe.
 """
 
-import torch
 
-from ..canonical import Router, SwiGLU
-from ..lazy import Lazy
-from .base import Layout, MoESpec, need
+from ..canonical import SwiGLU
+from .base import Layout, MoESpec, need, router_settings
 
 AUTO_MAP = {
     "AutoConfig": "deepseek-ai/deepseek-moe-16b-base--configuration_deepseek.DeepseekConfig",
@@ -62,7 +60,7 @@ class Deepseek(DeepseekFamily):
     def read_moe_spec(self, cfg):
         E, k, width, shared = self.spec_fields(cfg)
         renorm = bool(cfg.get("norm_topk_prob", False)) and k > 1
-        router = Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm, softmax_in_model_dtype=True)
+        router = router_settings(E, k, renormalize=renorm, softmax_in_model_dtype=True)
         return MoESpec(E, k, width, shared, router)
 
     def attention_config(self, arch):

@@ -1,11 +1,7 @@
 """DeepSeek-V2: MLA attention; fp32 softmax router, greedy or group-limited (group score = max),
 times routed_scaling_factor, not renormalised (transformers' native class)."""
 
-import torch
-
-from ..canonical import Router
-from ..lazy import Lazy
-from .base import Layout, MoESpec
+from .base import Layout, MoESpec, router_settings
 from .deepseek import DeepseekFamily
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
@@ -36,9 +32,9 @@ class DeepseekV2(MLAMixin, DeepseekFamily):
         grouped = cfg.get("topk_method", "greedy") == "group_limited_greedy"
         n_group = int(cfg.get("n_group") or 1) if grouped else 1
         topk_group = int(cfg.get("topk_group") or 1) if grouped else 1
-        router = Router(
-            Lazy.zeros((E, 1), torch.float32), k, "softmax", False, float(cfg.get("routed_scaling_factor", 1.0)),
-            n_group, topk_group, "max",
+        router = router_settings(
+            E, k, renormalize=False, scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+            n_group=n_group, topk_group=topk_group, group_score="max",
         )
         return MoESpec(E, k, width, shared, router)
 

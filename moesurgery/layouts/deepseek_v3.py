@@ -1,11 +1,8 @@
 """DeepSeek-V3: MLA attention; sigmoid router with e_score_correction_bias for selection,
 group-limited (group score = sum of top-2), optional renormalisation, routed_scaling_factor."""
 
-import torch
 
-from ..canonical import Router
-from ..lazy import Lazy
-from .base import MoESpec
+from .base import MoESpec, router_settings
 from .deepseek import DeepseekFamily
 from .deepseek_v2 import MLAMixin
 
@@ -20,10 +17,9 @@ class SigmoidRouterMixin:
 
     def read_moe_spec(self, cfg):
         E, k, width, shared = self.spec_fields(cfg)
-        router = Router(
-            Lazy.zeros((E, 1), torch.float32), k, "sigmoid", bool(cfg.get("norm_topk_prob", True)),
-            float(cfg.get("routed_scaling_factor", 1.0)), int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1),
-            "top2_sum",
+        router = router_settings(
+            E, k, "sigmoid", bool(cfg.get("norm_topk_prob", True)), scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+            n_group=int(cfg.get("n_group") or 1), topk_group=int(cfg.get("topk_group") or 1), group_score="top2_sum",
         )
         return MoESpec(E, k, width, shared, router)
 

@@ -1,9 +1,6 @@
 """Mixtral: every layer MoE, `block_sparse_moe.experts.{j}.w1/w3/w2`, softmax top-k renormalised."""
 
-from ..canonical import Router
-from ..lazy import Lazy
-from .base import Layout, MoESpec, need
-import torch
+from .base import Layout, MoESpec, need, router_settings
 
 
 class Mixtral(Layout):
@@ -27,8 +24,7 @@ class Mixtral(Layout):
     def read_moe_spec(self, cfg):
         E = int(need(cfg, "num_local_experts", self.name))
         k = int(need(cfg, "num_experts_per_tok", self.name))
-        placeholder = Lazy.zeros((E, 1), torch.float32)
-        return MoESpec(E, k, int(need(cfg, "intermediate_size", self.name)), 0, Router(placeholder, k, "softmax", True))
+        return MoESpec(E, k, int(need(cfg, "intermediate_size", self.name)), 0, router_settings(E, k))
 
     def attention_config(self, arch):
         return {"sliding_window": arch.sliding_window}

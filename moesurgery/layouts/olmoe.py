@@ -1,10 +1,7 @@
 """OLMoE: q/k RMSNorm over the whole projection (`q_norm [H]`, `k_norm [kv*hd]`), every layer MoE."""
 
-import torch
 
-from ..canonical import Router
-from ..lazy import Lazy
-from .base import Layout, MoESpec, need
+from .base import Layout, MoESpec, need, router_settings
 
 
 class Olmoe(Layout):
@@ -23,7 +20,7 @@ class Olmoe(Layout):
         k = int(need(cfg, "num_experts_per_tok", self.name))
         renorm = bool(cfg.get("norm_topk_prob", False))
         width = int(need(cfg, "intermediate_size", self.name))
-        return MoESpec(E, k, width, 0, Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm))
+        return MoESpec(E, k, width, 0, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):
         return {"attention_bias": arch.qkv_bias or arch.o_bias, "clip_qkv": None}

@@ -4,11 +4,9 @@ MoE iff L not in mlp_only_layers and (L+1) % decoder_sparse_step == 0. The share
 exists: "no shared expert" is written as a zero one.
 """
 
-import torch
 
-from ..canonical import Router, SwiGLU
-from ..lazy import Lazy
-from .base import Layout, MoESpec, need
+from ..canonical import SwiGLU
+from .base import Layout, MoESpec, need, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
 
 
@@ -57,7 +55,7 @@ class Qwen2Moe(Layout):
         renorm = bool(cfg.get("norm_topk_prob", False))
         shared = int(cfg.get("shared_expert_intermediate_size") or 0)
         width = int(need(cfg, "moe_intermediate_size", self.name))
-        return MoESpec(E, k, width, shared, Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm))
+        return MoESpec(E, k, width, shared, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):
         return qwen_sliding_config(arch)

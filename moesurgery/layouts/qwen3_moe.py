@@ -1,10 +1,7 @@
 """Qwen3-MoE: qwen3 attention (per-head q/k norm), routed experts only, optional dense layers."""
 
-import torch
 
-from ..canonical import Router
-from ..lazy import Lazy
-from .base import Layout, MoESpec, need
+from .base import Layout, MoESpec, need, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
 from .qwen2_moe import qwen_moe_config, qwen_moe_layer
 
@@ -29,7 +26,7 @@ class Qwen3Moe(Layout):
         k = int(need(cfg, "num_experts_per_tok", self.name))
         renorm = bool(cfg.get("norm_topk_prob", False))
         width = int(need(cfg, "moe_intermediate_size", self.name))
-        return MoESpec(E, k, width, 0, Router(Lazy.zeros((E, 1), torch.float32), k, "softmax", renorm))
+        return MoESpec(E, k, width, 0, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):
         return {"attention_bias": arch.qkv_bias or arch.o_bias, **qwen_sliding_config(arch)}
