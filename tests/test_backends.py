@@ -21,6 +21,7 @@ from moesurgery.runtime.moe import (
     grouped_mm_available,
     moe_forward,
     route,
+    triton_available,
 )
 
 CUDA = torch.cuda.is_available()
@@ -37,7 +38,8 @@ def _one_thread():
 
 
 def backends_here(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
-    return [b for b in BACKEND_NAMES if b != "grouped" or grouped_mm_available(torch.device(device), dtype)]
+    usable = {"grouped": grouped_mm_available(torch.device(device), dtype), "triton": triton_available(device)}
+    return [b for b in BACKEND_NAMES if usable.get(b, True)]
 
 
 def make_moe(E=8, k=2, H=32, I=24, shared=0, shared_gate=False, scoring="softmax", renormalize=True, groups=1, bias=False,

@@ -318,6 +318,22 @@ def test_cuda_unavailable_exit_2(capsys, exact_pair):
     assert_one_error(err, "cuda")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_exact_pair_is_exact(capsys, exact_pair, dtype):
+    code, out, err = cli(capsys, *exact_pair, "--device", "cuda", "--dtype", dtype, "--expect", "exact", "--json")
+    assert code == 0 and err == []
+    report = json.loads(out)
+    assert report["verdict"] == "exact" and report["device"].startswith("cuda")
+    assert report["logits"]["rel_err"] <= report["tolerance"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_sees_lossy(capsys, lossy_pair):
+    code, out, _ = cli(capsys, *lossy_pair, "--device", "cuda", "--expect", "exact", "--json")
+    assert code == 4 and json.loads(out)["verdict"] != "exact"
+
+
 def test_missing_candidate_exit_3(capsys, tmp_path, exact_pair):
     code, _, err = cli(capsys, exact_pair[0], tmp_path / "missing")
     assert code == 3 and len(err) == 1 and err[0].startswith("error: ")

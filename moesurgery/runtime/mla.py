@@ -103,7 +103,7 @@ def mla_attention(
 
     S = k.shape[2] - T
     scores = torch.matmul(q, k.transpose(2, 3)) * softmax_scale(arch)  # [B, h, T, S + T]
-    future = torch.arange(S + T)[None, :] > (S + torch.arange(T))[:, None]  # [T, S + T]
+    future = torch.arange(S + T, device=q.device)[None, :] > (S + torch.arange(T, device=q.device))[:, None]  # [T, S + T]
     scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(B, T, h * vd)  # [B, T, h * vd]

@@ -14,6 +14,7 @@ Expert dispatch backends (`moe_forward(x, m, backend)`), all computing the same 
     batched   gather each pair's expert weights, bmm: no sort, no host sync; copies k experts per token
     auto      `choose_backend`: batched for a handful of pairs of small experts on CUDA, else sorted
     grouped   sorted through torch grouped_mm (where it runs), segments: sorted through the loop
+    triton    fused Triton kernels (runtime/triton_moe.py, CUDA): pairs padded per expert, SwiGLU fused
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def route(x: torch.Tensor, r: Router, weight: torch.Tensor, bias: torch.Tensor |
     if r.scaling != 1.0:
         w = w * r.scaling
     return idx, w.to(x.dtype)
+
+
+def expert_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
+    """[N] expert ids -> [E] pairs per expert, without a host sync (CUDA bincount reads max() back)."""
+    return torch.zeros(experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def experts_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -173,7 +179,7 @@ def experts_sorted(
     order = flat.argsort(stable=True)  # [N] pair ids (t*k + j) grouped by expert
     token = order // k  # [N]
     ws = w.flatten().index_select(0, order).unsqueeze(1)  # [N, 1]
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])  # [E]
+    counts = expert_counts(flat, gate_up.shape[0])  # [E]
     if grouped is None:
         grouped = x.device.type == "cuda" and grouped_mm_available(x.device, x.dtype) and _aligned(x, gate_up, down)
     cpu = x.device.type == "cpu"
@@ -244,6 +250,19 @@ def choose_backend(T: int, k: int, gate_up: torch.Tensor, down: torch.Tensor) ->
     return "sorted"
 
 
+def experts_triton(x, idx, w, gate_up, down) -> torch.Tensor:
+    """Fused Triton kernels (CUDA): sorted pairs padded per expert, gate_up + SwiGLU in one kernel."""
+    from . import triton_moe
+
+    return triton_moe.experts_triton(x, idx, w, gate_up, down)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    from . import triton_moe
+
+    return triton_moe.available(device)
+
+
 def experts_auto(x, idx, w, gate_up, down) -> torch.Tensor:
     return BACKENDS[choose_backend(idx.shape[0], idx.shape[1], gate_up, down)](x, idx, w, gate_up, down)
 
@@ -255,6 +274,7 @@ BACKENDS = {
     "auto": experts_auto,
     "grouped": experts_grouped,
     "segments": experts_segments,
+    "triton": experts_triton,
 }
 BACKEND_NAMES = tuple(BACKENDS)
 

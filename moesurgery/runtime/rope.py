@@ -122,7 +122,7 @@ def _freqs(arch: Arch, positions: torch.Tensor, seq_len: int | None) -> tuple[to
     if seq_len is None and positions.numel():
         seq_len = int(positions.max()) + 1
     inv_freq, scale = inv_freq_and_scale(arch, seq_len)
-    return positions[:, None].float() * inv_freq, scale  # [T, dim/2]
+    return positions[:, None].float() * inv_freq.to(positions.device), scale  # [T, dim/2]
 
 
 def cos_sin(arch: Arch, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

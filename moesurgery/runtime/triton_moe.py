@@ -1,0 +1,178 @@
+"""Fused MoE expert GEMMs in Triton (CUDA), the `triton` dispatch backend.
+
+Two kernels over the (token, slot) pairs sorted by expert and padded per expert to BLOCK_M rows
+(the layout of vLLM's fused_moe), no host sync, so a decode step can be captured in a CUDA graph:
+
+    gate_up: h[p]  = silu(x[t] @ gate[e].T) * (x[t] @ up[e].T) * w[t, j]    # [Mp, I], fp32 accumulate
+    down:    y[q]  = h[p] @ down[e].T                                       # [T*k, H], row q = t*k + j
+    out          = y.view(T, k, H).sum(1)                                   # [T, H]
+
+Each program computes a [BLOCK_M, BLOCK_N] tile for one expert: the weights it reads are read
+once per BLOCK_M rows of that expert, so a decode step reads each touched expert's bytes once, the
+bandwidth floor. gate and up tiles share the x tile and SwiGLU runs in registers (no [T*k, 2I]
+intermediate). Tile sizes are autotuned per (N, K, BLOCK_M).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .moe import expert_counts
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the backend reports itself unavailable
+    triton = None
+
+_CONFIGS = [
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (32, 256, 4, 4),
+    (64, 128, 4, 4),
+    (64, 256, 4, 3),
+    (128, 64, 4, 4),
+    (128, 128, 4, 3),
+    (128, 128, 8, 3),
+    (256, 64, 8, 3),
+]
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when it decorates
+
+
+def available(device: torch.device | str) -> bool:
+    """Triton importable and a CUDA device (or Triton's CPU interpreter, for tests)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or _INTERPRET
+
+
+if triton is not None:
+
+    @triton.jit
+    def _moe_gemm(
+        a_ptr, w_ptr, out_ptr, pair_ptr, block_expert_ptr, route_w_ptr,
+        N, K, up_offset,
+        stride_am, stride_we, stride_wn, stride_om,
+        TOP_K: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e < 0:  # past the last padded block
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the padded layout
+        pair = tl.load(pair_ptr + offs_m)  # [BM] pair id t*k + j, -1 for padding
+        valid = pair >= 0
+        if SWIGLU:
+            a_row = pair // TOP_K  # token of each pair
+        else:
+            a_row = offs_m  # h is in padded order
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_row[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # [BM, BK]
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:  # fp32 weights: full fp32 products, not tf32
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            if SWIGLU:
+                wu = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if IEEE:
+                    acc_up = tl.dot(a, wu, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a, wu, acc_up)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SWIGLU:
+            rw = tl.load(route_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)  # [BM]
+            result = acc * tl.sigmoid(acc) * acc_up * rw[:, None]
+            out_row = offs_m
+        else:
+            result = acc
+            out_row = pair
+        out_ptrs = out_ptr + out_row[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+    _moe_gemm_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _CONFIGS],
+        key=["N", "K", "BLOCK_M", "SWIGLU", "IEEE"],
+    )(_moe_gemm)
+
+
+def _launch(nblocks: int, n: int, *args, **kwargs) -> None:
+    """Autotuned on CUDA; one fixed tile under the CPU interpreter (it has no benchmarker)."""
+    if _INTERPRET:
+        _moe_gemm[(nblocks, triton.cdiv(n, 32))](*args, BLOCK_N=32, BLOCK_K=32, **kwargs)
+    else:
+        _moe_gemm_tuned[lambda meta: (nblocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **kwargs)
+
+
+def block_m_for(pairs: int, experts: int) -> int:
+    """Rows per tile: about the mean rows per expert, 16 (tl.dot's minimum) to 128."""
+    mean = pairs / max(experts, 1)
+    for bm in (16, 32, 64):
+        if mean <= bm:
+            return bm
+    return 128
+
+
+def align(flat: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert, each expert's run padded to a multiple of block_m; on the device.
+
+    flat [N] expert of each pair -> pair [nblocks * block_m] (pair id or -1), block_expert [nblocks]
+    (expert of each block, -1 past the end). nblocks is an upper bound known on the host
+    (cdiv(N, block_m) + min(E, N)), so nothing waits for the device."""
+    N = flat.numel()
+    order = flat.argsort(stable=True)  # [N]
+    counts = expert_counts(flat, experts)  # [E], no host sync
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    pad_start = padded.cumsum(0) - padded  # [E]
+    sort_start = counts.cumsum(0) - counts  # [E]
+    sorted_expert = flat.index_select(0, order)  # [N]
+    pos = pad_start[sorted_expert] + torch.arange(N, device=flat.device) - sort_start[sorted_expert]  # [N]
+    nblocks = -(-N // block_m) + min(experts, N)
+    pair = torch.full((nblocks * block_m,), -1, dtype=torch.int32, device=flat.device)
+    pair[pos] = order.to(torch.int32)
+    block_expert = torch.full((nblocks,), -1, dtype=torch.int32, device=flat.device)
+    block_expert[pos // block_m] = sorted_expert.to(torch.int32)
+    return pair, block_expert
+
+
+def experts_triton(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [T, H], idx/w [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H]."""
+    if not available(x.device):
+        raise RuntimeError("the triton backend needs Triton and a CUDA device")
+    T, k = idx.shape
+    E, H, I = down.shape
+    N = T * k
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    bm = block_m_for(N, E)
+    ieee = x.dtype == torch.float32
+    pair, block_expert = align(idx.flatten(), E, bm)
+    route_w = w.reshape(-1).contiguous()  # [N]
+    nblocks = block_expert.numel()
+    h = x.new_empty(nblocks * bm, I)  # [Mp, I] padded order
+    _launch(
+        nblocks, I, x, gate_up, h, pair, block_expert, route_w, I, H, I,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        TOP_K=k, SWIGLU=True, IEEE=ieee, BLOCK_M=bm,
+    )
+    ys = x.new_empty(N, H)  # [T*k, H] pair order
+    _launch(
+        nblocks, H, h, down, ys, pair, block_expert, route_w, H, I, 0,
+        h.stride(0), down.stride(0), down.stride(1), ys.stride(0),
+        TOP_K=k, SWIGLU=False, IEEE=ieee, BLOCK_M=bm,
+    )
+    return ys.view(T, k, H).sum(dim=1)
