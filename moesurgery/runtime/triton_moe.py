@@ -10,7 +10,7 @@ Two kernels over the (token, slot) pairs sorted by expert and padded per expert 
 Each program computes a [BLOCK_M, BLOCK_N] tile for one expert: the weights it reads are read
 once per BLOCK_M rows of that expert, so a decode step reads each touched expert's bytes once, the
 bandwidth floor. gate and up tiles share the x tile and SwiGLU runs in registers (no [T*k, 2I]
-intermediate). Tile sizes are autotuned per (N, K, BLOCK_M).
+intermediate). Tile sizes come from `tiles` (a heuristic; no autotuning).
 """
 
 from __future__ import annotations
@@ -27,16 +27,22 @@ try:
 except ImportError:  # no Triton: the backend reports itself unavailable
     triton = None
 
-_CONFIGS = [
-    # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (32, 256, 4, 4),
-    (64, 128, 4, 4),
-    (64, 256, 4, 3),
-    (128, 64, 4, 4),
-    (128, 128, 4, 3),
-    (128, 128, 8, 3),
-    (256, 64, 8, 3),
-]
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (H100/A100 allow ~227 KB)
+
+
+def tiles(block_m: int, swiglu: bool, element_size: int) -> dict:
+    """Tile sizes and pipeline depth for one launch (no autotuning: it costs seconds per shape).
+
+    Few rows per expert (decode): narrow N tiles and long K steps, many programs streaming weights;
+    many rows (prefill): 128-wide N tiles for tensor-core reuse. Stages fill the shared-memory budget.
+    MOESURGERY_TRITON_TILE="BLOCK_N,BLOCK_K,num_warps,num_stages" overrides (for tuning sweeps)."""
+    override = os.environ.get("MOESURGERY_TRITON_TILE")
+    if override:
+        n, k, warps, stages = (int(v) for v in override.split(","))
+        return {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
+    n, k, warps = (64, 128, 4) if block_m <= 32 else (128, 64, 8)
+    per_stage = (block_m * k + (2 if swiglu else 1) * k * n) * element_size
+    return {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": max(1, min(4, SHARED_MEMORY_BUDGET // per_stage))}
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit when it decorates
@@ -56,7 +62,7 @@ if triton is not None:
         a_ptr, w_ptr, out_ptr, pair_ptr, block_expert_ptr, route_w_ptr,
         N, K, up_offset,
         stride_am, stride_we, stride_wn, stride_om,
-        TOP_K: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
+        top_k, SWIGLU: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -68,7 +74,7 @@ if triton is not None:
         pair = tl.load(pair_ptr + offs_m)  # [BM] pair id t*k + j, -1 for padding
         valid = pair >= 0
         if SWIGLU:
-            a_row = pair // TOP_K  # token of each pair
+            a_row = pair // top_k  # token of each pair
         else:
             a_row = offs_m  # h is in padded order
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,18 +111,13 @@ if triton is not None:
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-    _moe_gemm_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in _CONFIGS],
-        key=["N", "K", "BLOCK_M", "SWIGLU", "IEEE"],
-    )(_moe_gemm)
 
-
-def _launch(nblocks: int, n: int, *args, **kwargs) -> None:
-    """Autotuned on CUDA; one fixed tile under the CPU interpreter (it has no benchmarker)."""
-    if _INTERPRET:
-        _moe_gemm[(nblocks, triton.cdiv(n, 32))](*args, BLOCK_N=32, BLOCK_K=32, **kwargs)
+def _launch(nblocks: int, n: int, *args, SWIGLU: bool, BLOCK_M: int, **kwargs) -> None:
+    if _INTERPRET:  # Triton's CPU interpreter (tests): small tiles
+        t = {"BLOCK_N": 32, "BLOCK_K": 32}
     else:
-        _moe_gemm_tuned[lambda meta: (nblocks, triton.cdiv(n, meta["BLOCK_N"]))](*args, **kwargs)
+        t = tiles(BLOCK_M, SWIGLU, args[0].element_size())
+    _moe_gemm[(nblocks, triton.cdiv(n, t["BLOCK_N"]))](*args, SWIGLU=SWIGLU, BLOCK_M=BLOCK_M, **kwargs, **t)
 
 
 def block_m_for(pairs: int, experts: int) -> int:
@@ -166,13 +167,13 @@ def experts_triton(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up:
     h = x.new_empty(nblocks * bm, I)  # [Mp, I] padded order
     _launch(
         nblocks, I, x, gate_up, h, pair, block_expert, route_w, I, H, I,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        TOP_K=k, SWIGLU=True, IEEE=ieee, BLOCK_M=bm,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), k,
+        SWIGLU=True, IEEE=ieee, BLOCK_M=bm,
     )
     ys = x.new_empty(N, H)  # [T*k, H] pair order
     _launch(
         nblocks, H, h, down, ys, pair, block_expert, route_w, H, I, 0,
-        h.stride(0), down.stride(0), down.stride(1), ys.stride(0),
-        TOP_K=k, SWIGLU=False, IEEE=ieee, BLOCK_M=bm,
+        h.stride(0), down.stride(0), down.stride(1), ys.stride(0), k,
+        SWIGLU=False, IEEE=ieee, BLOCK_M=bm,
     )
     return ys.view(T, k, H).sum(dim=1)
