@@ -88,21 +88,6 @@ def time_round_robin(configs: dict, device: torch.device, repeats: int, budget_s
 GRAPHABLE = ("sorted", "grouped", "batched", "triton", "auto")  # no host sync on CUDA (loop/segments read counts)
 
 
-def cuda_graph(fn):
-    """fn captured in a CUDA graph (warmed up on a side stream first); returns its replay: one launch,
-    no gaps between kernels -- how serving engines run decode steps."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.inference_mode(), torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def profile(fn, label: str, rows: int = 12) -> None:
     """Print the CUDA kernels of one call (torch.profiler), most time first."""
     from torch.profiler import ProfilerActivity
@@ -197,10 +182,11 @@ def main() -> int:
         if graph:
             for (lname, b), fn in list(configs.items()):
                 if b in GRAPHABLE:
-                    try:
-                        configs[(lname, b + "+graph")] = cuda_graph(fn)
-                    except RuntimeError as e:
-                        print(f"no CUDA graph for {lname}/{b}: {str(e).splitlines()[0]}", flush=True)
+                    replay = bench.cuda_graph_replay(fn)
+                    if replay is None:
+                        print(f"no CUDA graph for {lname}/{b}", flush=True)
+                    else:
+                        configs[(lname, b + "+graph")] = replay
         medians = time_round_robin({f"{l}/{b}": fn for (l, b), fn in configs.items()}, device, a.repeats, a.budget, inner)
         for (lname, b) in configs:
             cost, touched = costs[lname]

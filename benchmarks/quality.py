@@ -119,7 +119,7 @@ def evaluate(path: Path, ids: torch.Tensor, mode: str = "model", batch: int = 8)
     model = open_model(path).model
     rt = Runtime(model, "cpu", torch.float32)
     positions = torch.arange(ids.shape[1])
-    rope = rt.rope(positions)
+    rope = rt.rope(0, ids.shape[1])
     x = rt.embed(ids)
     agreement = []
     for i in range(len(model.layers)):

@@ -26,7 +26,7 @@ from .canonical import Model, MoE
 from .errors import BadInputError, UsageError
 from .lazy import Lazy
 from .runtime.model import FFNWeights, Runtime, ffn_forward
-from .runtime.moe import BACKEND_NAMES, MoEWeights, SwiGLUWeights, grouped_mm_available, route
+from .runtime.moe import BACKEND_NAMES, MoEWeights, SwiGLUWeights, grouped_mm_available, route, triton_available
 
 DEFAULT_TOKENS = (1, 16, 256, 4096)
 DEFAULT_BATCHES = (1, 16)
@@ -50,6 +50,7 @@ class BenchOptions:
     seed: int = 0
     check: bool = True
     quick: bool = False  # small roofline probes, single runs: smoke tests
+    cuda_graph: bool = True  # CUDA: time CUDA-graph replays where the step captures (rows say "cuda_graph")
     roofline_bytes: int | None = None  # copy size; default 1 GB (CPU) / 4 GB (CUDA)
     roofline_n: int | None = None  # matmul size; default 4096 (CPU) / 8192 (CUDA)
     notes: list[str] = field(default_factory=list)
@@ -77,6 +78,35 @@ def timeit(fn, device: torch.device, repeats: int = 5, warmup: int = 1, budget_s
             if len(times) >= min(3, repeats) and CLOCK() - start > budget_s:
                 break
     return statistics.median(times)
+
+
+def cuda_graph_replay(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first) -> its replay: one launch, no
+    host work between kernels, as serving engines run decode steps. None where fn does not capture
+    (a host sync or a host-to-device copy inside it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def measure(fn, o: BenchOptions, run: dict) -> tuple[float, bool]:
+    """(median seconds, whether a CUDA graph replay was timed)."""
+    if o.cuda_graph and run["device"].type == "cuda":
+        replay = cuda_graph_replay(fn)
+        if replay is not None:
+            return timeit(replay, **run), True
+    return timeit(fn, **run), False
 
 
 def device_name(device: torch.device) -> str:
@@ -227,8 +257,8 @@ def bench_model(name: str, model: Model, o: BenchOptions, roof: dict) -> dict:
                 with torch.inference_mode():
                     idx, _ = route(x, ffn.router, ffn.router_weight, ffn.bias)
                 touched = int(idx.unique().numel())
-            s = timeit(lambda: ffn_forward(x, ffn, o.backend), **run)
-            row = measured_row("tokens", T, s, T, ffn_cost(ffn, T, touched), roof)
+            s, graphed = measure(lambda: ffn_forward(x, ffn, o.backend), o, run)
+            row = measured_row("tokens", T, s, T, ffn_cost(ffn, T, touched), roof) | {"cuda_graph": graphed}
             if touched is not None:
                 row["experts_touched"] = touched
             entry["block"].append(row)
@@ -241,20 +271,21 @@ def bench_model(name: str, model: Model, o: BenchOptions, roof: dict) -> dict:
     V = model.arch.vocab_size
     if "prefill" in o.parts:
         for T in o.tokens:
-            ids = torch.randint(0, V, (1, T), generator=gen)
-            s = timeit(lambda: rt.forward(ids), **run)
-            entry["prefill"].append(measured_row("tokens", T, s, T, model_cost(rt, 1, T, 0), roof))
+            ids = torch.randint(0, V, (1, T), generator=gen).to(device)
+            s, graphed = measure(lambda: rt.forward(ids), o, run)
+            entry["prefill"].append(measured_row("tokens", T, s, T, model_cost(rt, 1, T, 0), roof) | {"cuda_graph": graphed})
 
     if "decode" in o.parts:
         for B in o.batches:
-            context = torch.randint(0, V, (B, o.context), generator=gen)
-            nxt = torch.randint(0, V, (B, 1), generator=gen)
+            context = torch.randint(0, V, (B, o.context), generator=gen).to(device)
+            nxt = torch.randint(0, V, (B, 1), generator=gen).to(device)
             caches: list = []
             with torch.inference_mode():
                 rt.forward(context, caches)
-            s = timeit(lambda: rt.forward(nxt, list(caches)), **run)  # one step; the cache list is copied, its tensors are not changed
+            # one step; the cache list is copied, its tensors are not changed
+            s, graphed = measure(lambda: rt.forward(nxt, list(caches)), o, run)
             row = measured_row("batch", B, s, B, model_cost(rt, B, 1, o.context), roof)
-            row["context"] = o.context
+            row["context"], row["cuda_graph"] = o.context, graphed
             entry["decode"].append(row)
             del caches
     del rt
@@ -293,6 +324,8 @@ def _check_options(o: BenchOptions) -> torch.device:
     device = torch.device(o.device)
     if o.backend == "grouped" and not grouped_mm_available(device, o.dtype):
         raise UsageError(f"--backend grouped: torch's grouped_mm does not run for {str(o.dtype).removeprefix('torch.')} on {device.type}")
+    if o.backend == "triton" and not triton_available(device):
+        raise UsageError("--backend triton needs Triton and --device cuda")
     if not o.tokens or min(o.tokens) < 1 or not o.batches or min(o.batches) < 1 or o.context < 1:
         raise UsageError("--tokens, --batch and --context need positive values")
     bad = set(o.parts) - set(PARTS)

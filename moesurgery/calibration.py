@@ -49,7 +49,7 @@ def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Iterator
     rt = Runtime(model, "cpu", dtype)
     with torch.no_grad():
         positions = torch.arange(ids.shape[1])
-        rope = rt.rope(positions)
+        rope = rt.rope(0, ids.shape[1])
         x = rt.embed(ids)
         for i in range(len(model.layers)):
             layer = rt.layer(i)

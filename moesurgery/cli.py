@@ -352,12 +352,13 @@ def bench(
     layers: Optional[int] = typer.Option(None, "--layers", help="Bench only the first N decoder layers (synthetic default: 1)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (CPU default), bfloat16 (CUDA default), float16."),
-    backend: str = typer.Option("auto", "--backend", help="MoE dispatch: auto, sorted, loop, batched, grouped, segments."),
+    backend: str = typer.Option("auto", "--backend", help="MoE dispatch: auto, sorted, loop, batched, grouped, segments, triton (CUDA)."),
     measure: str = typer.Option("block,prefill,decode", "--measure", help="What to time: block, prefill, decode (comma separated)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per point (median; fewer when one run takes > 3 s)."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights (synthetic) and inputs."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the spot check that candidates compute the source's function."),
     quick: bool = typer.Option(False, "--quick", help="Small roofline probes and single runs (smoke tests)."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="CUDA: time CUDA-graph replays of each step where it captures (as serving engines decode); rows say which."),
     json_out: bool = JsonOpt,
 ):
     """Throughput of SOURCE and CANDIDATEs (MoE block, prefill, decode) against this device's roofline.
@@ -379,7 +380,7 @@ def bench(
        "roofline": {"bandwidth_gbps", "peak_tflops", "copy_bytes", "matmul_n"},
        "models": [{"name", "layout", "experts", "top_k", "expert_width", "shared_width", "layers",
                    "block":   [{"tokens", "seconds", "tokens_per_s", "gbps", "tflops", "roofline_seconds",
-                                "roofline_fraction", "bound", "bytes", "flops", "experts_touched"}],
+                                "roofline_fraction", "bound", "bytes", "flops", "experts_touched", "cuda_graph": bool}],
                    "prefill": [{"tokens", ...same fields}],
                    "decode":  [{"batch", "context", ...same fields}], "backend_rel_err"}],
        "ratios": [{"candidate", "block": [{"tokens", "time_ratio"}], "prefill": [...], "decode": [{"batch", "time_ratio"}]}],
@@ -398,7 +399,7 @@ def bench(
         raise UsageError("--repeats must be >= 1")
     options = BenchOptions(
         tokens=parse_ints("--tokens", tokens), batches=parse_ints("--batch", batch), context=context, device=device, dtype=parse_dtype(dtype),
-        backend=backend, layers=layers, parts=parts, repeats=repeats, seed=seed, check=not no_check, quick=quick,
+        backend=backend, layers=layers, parts=parts, repeats=repeats, seed=seed, check=not no_check, quick=quick, cuda_graph=cuda_graph,
     )
     report = run_bench(models[0] if models else None, models[1:], synthetic=synthetic, scale=scale, granularity=granularity, shared=shared, options=options)
     if json_out:
@@ -433,8 +434,10 @@ def print_bench(r: dict) -> None:
                 ratio = "" if i == 0 else f"{row['seconds'] / row0['seconds']:.2f}x"
                 table.add_row(str(row0[key]) if i == 0 else "", "src" if i == 0 else f"c{i}", fmt_seconds(row["seconds"]),
                               f"{row['tokens_per_s']:,.0f}", f"{row['gbps']:.1f}", f"{row['tflops']:.3f}",
-                              f"{row['roofline_fraction']:.0%} {row['bound'][:3]}", ratio, end_section=i == len(models) - 1 and len(models) > 1)
+                              f"{row['roofline_fraction']:.0%} {row['bound'][:3]}" + (" g" if row.get("cuda_graph") else ""), ratio, end_section=i == len(models) - 1 and len(models) > 1)
         stdout.print(table)
+    if any(row.get("cuda_graph") for m in models for part in ("block", "prefill", "decode") for row in m[part]):
+        stdout.print("g: timed as a CUDA graph replay (--no-cuda-graph for eager launches)")
     for m in models:
         if m.get("backend_rel_err") is not None and m["backend_rel_err"] > 1e-3:
             stdout.print(f"[yellow]warning:[/yellow] {m['name']}: backend {r['backend']} differs from the loop by {m['backend_rel_err']:.2e} (relative)")

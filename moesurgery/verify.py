@@ -163,7 +163,7 @@ def verify(
 
     with torch.no_grad(), ThreadPoolExecutor(max_workers=1) as prefetch:
         positions = torch.arange(ids.shape[1], device=r_rt.device)
-        r_rope, c_rope = r_rt.rope(positions), c_rt.rope(positions)
+        r_rope, c_rope = r_rt.rope(0, ids.shape[1]), c_rt.rope(0, ids.shape[1])
         x_r, x_c = r_rt.embed(ids), c_rt.embed(ids)
         layers = []
         n = len(ref.layers)

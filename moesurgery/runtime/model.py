@@ -15,7 +15,7 @@ from ..canonical import FFN, Layer, Model, SwiGLU
 from ..lazy import Lazy
 from .attention import gqa_attention, rms_norm
 from .moe import MoEWeights, SwiGLUWeights, moe_forward
-from .rope import cos_sin
+from .rope import cos_sin, rope_params
 
 FFNWeights = SwiGLUWeights | MoEWeights
 
@@ -77,6 +77,7 @@ class Runtime:
         self.resident = resident
         self._layers: dict[int, LoadedLayer] = {}
         self._embed: torch.Tensor | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [L, rotary_dim] for positions 0..L-1
 
     # ---- weights --------------------------------------------------------------------------
     def layer(self, index: int) -> LoadedLayer:
@@ -101,11 +102,22 @@ class Runtime:
         return F.linear(x, weight).float()
 
     # ---- blocks ---------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor):
+    def rope(self, past: int, T: int):
+        """cos, sin [T, rotary_dim] for positions past..past+T-1, on the device. Slices of a table
+        kept on the device (grown by doubling) where the rope does not depend on the length, so a
+        decode step does no host work or copy (it can be captured in a CUDA graph); `dynamic`
+        scaling past max_position_embeddings is computed for the length, as transformers does."""
         if self.arch.attention == "mla":
             return None
-        cos, sin = cos_sin(self.arch, positions, seq_len=int(positions[-1]) + 1)
-        return cos.to(self.device), sin.to(self.device)
+        end = past + T
+        if rope_params(self.arch)["rope_type"] == "dynamic" and end > self.arch.max_position_embeddings:
+            positions = torch.arange(past, end, device=self.device)
+            return cos_sin(self.arch, positions, seq_len=end)
+        if self._rope is None or self._rope[0].shape[0] < end:
+            n = max(end, 2 * self._rope[0].shape[0] if self._rope is not None else 256)
+            self._rope = cos_sin(self.arch, torch.arange(n, device=self.device), seq_len=min(n, self.arch.max_position_embeddings))
+        cos, sin = self._rope
+        return cos[past:end], sin[past:end]
 
     def attention(self, x, layer: LoadedLayer, positions, rope, cache=None):
         """Pre-norm attention with residual: x -> x + attn(norm(x))."""
@@ -133,7 +145,7 @@ class Runtime:
         past = 0 if not caches or caches[0] is None else caches[0][0].shape[2]
         T = input_ids.shape[1]
         positions = torch.arange(past, past + T, device=self.device)
-        rope = self.rope(positions)
+        rope = self.rope(past, T)
         x = self.embed(input_ids)
         for i in range(len(self.model.layers)):
             layer = self.layer(i)
