@@ -65,8 +65,10 @@ def time_round_robin(configs: dict, device: torch.device, repeats: int, budget_s
             fn()  # warmup
         sync(device)
         start = clock()
+        items = list(configs.items())
         for r in range(repeats):
-            for name, fn in configs.items():
+            shift = r % len(items)  # rotate the order: no configuration always runs last (clock or thermal drift)
+            for name, fn in items[shift:] + items[:shift]:
                 if cuda:
                     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     t0.record()
