@@ -2,7 +2,10 @@
 
 Matches transformers' eager attention: q/k/v projections (+bias), optional qk RMSNorm (per head or
 over the whole projection), rotary on the first `rot` dims, causal (optionally sliding) mask,
-softmax in fp32, o projection (+bias).
+softmax in fp32, o projection (+bias). On CUDA the scores go through torch's fused
+scaled_dot_product_attention instead (flash / memory-efficient kernels: no [h, T, S] scores in
+memory), as transformers' default `sdpa` attention does; on CPU the eager math is kept, which is what
+the exactness tests compare with transformers' eager attention.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     if window:
         allowed &= diff < window
     return allowed
+
+
+SDPA_DEVICES = ("cuda",)  # device types that use F.scaled_dot_product_attention (tests add "cpu")
 
 
 def _linear(x, w, prefix):
@@ -65,11 +71,23 @@ def gqa_attention(
         v = torch.cat([cache[1], v], dim=2)
     new_cache = (k, v)
     S = k.shape[2]
+    if h != kv:
+        k_all, v_all = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)  # [B, h, S, d]
+    else:
+        k_all, v_all = k, v
+    if x.device.type in SDPA_DEVICES:
+        window_ok = not arch.sliding_window or S <= arch.sliding_window
+        if window_ok and (T == S or T == 1):  # causal over everything (prefill) or all of the cache (decode)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=T == S and T > 1, scale=d**-0.5)
+        else:
+            k_pos = torch.arange(S, device=x.device) + (positions[0] - (S - T))
+            mask = causal_mask(positions, k_pos, arch.sliding_window)  # [T, S]
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=d**-0.5)
+        out = out.transpose(1, 2).reshape(B, T, h * d)
+        return _linear(out, w, "self_attn.o_proj"), new_cache
+    k, v = k_all, v_all
     k_pos = torch.arange(S, device=x.device) + (positions[0] - (S - T))
     mask = causal_mask(positions, k_pos, arch.sliding_window)  # [T, S]
-    if h != kv:
-        k = k.repeat_interleave(h // kv, dim=1)
-        v = v.repeat_interleave(h // kv, dim=1)
     scores = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, h, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.float().softmax(dim=-1).to(q.dtype)
