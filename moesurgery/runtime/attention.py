@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..canonical import Arch
+from .cpu_gemv import linear
 from .rope import apply_rotary
 
 
@@ -38,7 +39,7 @@ SDPA_DEVICES = ("cuda",)  # device types that use F.scaled_dot_product_attention
 
 
 def _linear(x, w, prefix):
-    return F.linear(x, w[prefix + ".weight"], w.get(prefix + ".bias"))
+    return linear(x, w[prefix + ".weight"], w.get(prefix + ".bias"))
 
 
 def gqa_attention(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..canonical import Arch
 from . import rope
+from .cpu_gemv import linear
 
 VARIANTS = ("deepseek_v2", "deepseek_v3")
 
@@ -50,7 +51,7 @@ def resolve_variant(arch: Arch, variant: str | None) -> str:
 
 
 def _linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
+    return linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
 
 
 def mla_attention(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..canonical import FFN, Layer, Model, SwiGLU
 from ..lazy import Lazy
 from .attention import gqa_attention, rms_norm
+from .cpu_gemv import linear
 from .moe import MoEWeights, SwiGLUWeights, moe_forward
 from .rope import cos_sin, rope_params
 
@@ -99,7 +100,7 @@ class Runtime:
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] fp32
         x = rms_norm(x, _load(self.model.norm, self.device, self.dtype), self.arch.rms_norm_eps)
         weight = self.embed_weight() if self.model.lm_head is None else _load(self.model.lm_head, self.device, self.dtype)
-        return F.linear(x, weight).float()
+        return linear(x, weight).float()
 
     # ---- blocks ---------------------------------------------------------------------------
     def rope(self, past: int, T: int):

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..canonical import Router
+from . import cpu_gemv
+from .cpu_gemv import linear
 
 
 @dataclass
@@ -35,7 +37,7 @@ class SwiGLUWeights:
     down: torch.Tensor  # [H, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
 @dataclass
@@ -138,10 +140,16 @@ def _aligned(*ts: torch.Tensor) -> bool:
 WEIGHT_MAJOR_ROWS = 8  # CPU: segments of at most this many rows run as W @ x.T (see experts_sorted)
 
 
+def _few_rows(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a [n, K] @ weight [M, K].T for a few rows on CPU: MKL runs x @ W.T with a few rows slower than
+    the tall-skinny W @ x.T, and either on one thread; cpu_gemv spreads W's row blocks over threads."""
+    return linear(a, weight) if cpu_gemv.applies(a, weight) else torch.mm(weight, a.T).T
+
+
 def _segment_mm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight_major: bool) -> None:
     """out [n, M] = a [n, K] @ weight [M, K].T"""
-    if weight_major:  # MKL runs x @ W.T with a few rows slower than the tall-skinny W @ x.T
-        out.copy_(torch.mm(weight, a.T).T)
+    if weight_major:
+        out.copy_(_few_rows(a, weight))
     else:
         torch.mm(a, weight.T, out=out)
 
@@ -195,9 +203,9 @@ def experts_sorted(
         for e, a, n in _segments(counts):
             small = n <= WEIGHT_MAJOR_ROWS
             xe = x.index_select(0, token[a : a + n])  # [n, H]
-            gu = torch.mm(gate_up[e], xe.T).T if small else torch.mm(xe, gate_up[e].T)  # [n, 2I]
+            gu = _few_rows(xe, gate_up[e]) if small else torch.mm(xe, gate_up[e].T)  # [n, 2I]
             h = F.silu(gu[:, :I]).mul_(gu[:, I:]).mul_(ws[a : a + n])  # [n, I]
-            y = torch.mm(down[e], h.T).T if small else torch.mm(h, down[e].T)  # [n, H]
+            y = _few_rows(h, down[e]) if small else torch.mm(h, down[e].T)  # [n, H]
             buf.index_copy_(0, order[a : a + n], y)
     else:
         segments = _segments(counts)
