@@ -180,7 +180,8 @@ def experts_sorted(
       - many pairs on CPU: per segment, gather -> gate_up -> SwiGLU -> down -> write, so the
         [rows, 2I] intermediates stay in cache instead of streaming [T*k, 2I] through memory.
     On CPU torch's grouped_mm is a C++ loop of the same x @ W.T matmuls, and MKL runs those slowly for
-    a few rows: short segments run weight-major (W @ x.T) instead."""
+    a few rows, on one thread: short segments run as a bmm over W's row blocks (cpu_gemv) or
+    weight-major (W @ x.T) instead."""
     T, k = idx.shape
     H, I = down.shape[1], down.shape[2]
     N = T * k
