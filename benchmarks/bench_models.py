@@ -18,13 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-import time
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import moesurgery.bench as bench  # noqa: E402
+from benchmarks.common import add_clock_options, apply_clock_options  # noqa: E402
 from moesurgery.bench import BenchOptions, run_bench  # noqa: E402
 
 # shape: (scale on CPU, granularity): scales keep one fp32 layer at roughly 100-700 MB
@@ -48,16 +47,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall", help="thread: this thread's CPU time (CPU, --threads 1)")
+    add_clock_options(p)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.clock == "thread":
-        if a.device != "cpu" or torch.get_num_threads() != 1:
-            print("error: --clock thread needs --device cpu --threads 1", file=sys.stderr)
-            return 2
-        bench.CLOCK = time.thread_time
+    problem = apply_clock_options(a, a.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     print("| shape/scale | layout | block time fine/coarse | block roofline fraction coarse/fine | decode B=1 fraction coarse/fine | check |")
     print("|---|---|---|---|---|---|")
     cuda = a.device.startswith("cuda")

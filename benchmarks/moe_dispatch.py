@@ -24,10 +24,8 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,23 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moesurgery.bench as bench  # noqa: E402
+from benchmarks.common import add_clock_options, apply_clock_options, machine  # noqa: E402
 from moesurgery.bench import BenchOptions, bench_model, device_name, ffn_cost, measure_roofline, measured_row, sync  # noqa: E402
 from moesurgery.runtime.model import load_ffn  # noqa: E402
 from moesurgery.runtime.moe import grouped_mm_available, moe_forward, route, triton_available  # noqa: E402
 from moesurgery.synthetic import layout_candidate, synthetic_model  # noqa: E402
 
 BATCHED_MAX_BYTES = 2**30  # `batched` copies T*k experts' weights: skip it beyond this
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count()}
-    try:
-        info["ram_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-        info["loadavg_start"] = os.getloadavg()
-    except (OSError, ValueError, AttributeError):
-        pass
-    return info
 
 
 def time_round_robin(configs: dict, device: torch.device, repeats: int, budget_s: float, inner: int = 1) -> dict:
@@ -121,21 +109,16 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=60.0, help="seconds per T before stopping repeats (after 3 rounds)")
     p.add_argument("--no-decode", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="thread: CPU time of this thread (needs --threads 1): what the run would take on an idle machine")
+    add_clock_options(p)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     a = p.parse_args()
 
     device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.clock == "thread":
-        if device.type != "cpu" or torch.get_num_threads() != 1:
-            print("error: --clock thread needs --device cpu --threads 1 (it counts this thread's CPU time only)", file=sys.stderr)
-            return 2
-        bench.CLOCK = time.thread_time
+    problem = apply_clock_options(a, a.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device is available", file=sys.stderr)
         return 2

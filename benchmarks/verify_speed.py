@@ -32,7 +32,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from benchmarks.common import machine  # noqa: E402
 from moesurgery.reader import CheckpointReader  # noqa: E402
 from moesurgery.verify import verify  # noqa: E402
 
@@ -187,23 +187,6 @@ def timed(fn, files: list[Path], cold: bool) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        ram = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        ram = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_bytes": ram,
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 def profile_verify(ref: Path, cand: Path, kw: dict, top: int = 15) -> list[dict]:
