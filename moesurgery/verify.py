@@ -132,6 +132,7 @@ def verify(
     c_rt = Runtime(cand, device, dtype, backend)
     tol = TOLERANCE[dtype]
 
+    changed_top: list[str] = []  # embed, norm, lm_head (reported first)
     changed: list[str] = []
     untouched = 0
 
@@ -140,7 +141,7 @@ def verify(
         if same:
             untouched += 1
         else:
-            changed.append(name)
+            (changed if name.startswith("model.layers.") else changed_top).append(name)
         return same
 
     def compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -157,9 +158,14 @@ def verify(
         c_w = LoadedLayer(i, {k: t.to(c_rt.device, dtype) for k, t in c_raw.items()}, load_ffn(c_layer.ffn, c_rt.device, dtype))
         return list(zip(names, same)), r_w, c_w
 
-    compare("model.embed_tokens.weight", ref.embed.load(), cand.embed.load())
+    # each big tensor is read once: the embeddings are compared and handed to the runtimes; the
+    # heads are read, compared and used at the end
+    r_embed, c_embed = ref.embed.load(), cand.embed.load()
+    embed_same = compare("model.embed_tokens.weight", r_embed, c_embed)
+    r_rt.use_embed(r_embed)
+    c_rt.use_embed(c_embed)
+    del r_embed, c_embed
     compare("model.norm.weight", ref.norm.load(), cand.norm.load())
-    compare("lm_head.weight", (ref.lm_head or ref.embed).load(), (cand.lm_head or cand.embed).load())
 
     with torch.no_grad(), ThreadPoolExecutor(max_workers=1) as prefetch:
         positions = torch.arange(ids.shape[1], device=r_rt.device)
@@ -192,7 +198,14 @@ def verify(
                 x_c, _ = c_rt.decoder_layer(x_c, c_w, positions, c_rope)
             x_r = x_r + y_r
             del r_w, c_w
-        logits_r, logits_c = r_rt.head(x_r), c_rt.head(x_c)  # [B, T, V] fp32
+        r_head = None if ref.lm_head is None else ref.lm_head.load()
+        c_head = None if cand.lm_head is None else cand.lm_head.load()
+        if r_head is None and c_head is None:  # both tied: the embeddings' comparison
+            tally("lm_head.weight", embed_same)
+        else:
+            compare("lm_head.weight", ref.embed.load() if r_head is None else r_head, cand.embed.load() if c_head is None else c_head)
+        logits_r, logits_c = r_rt.head(x_r, r_head), c_rt.head(x_c, c_head)  # [B, T, V] fp32
+        del r_head, c_head
 
     abs_err, rel_err = errors(logits_c, logits_r)
     logp_r, logp_c = logits_r.log_softmax(-1), logits_c.log_softmax(-1)
@@ -210,7 +223,7 @@ def verify(
         "dtype": str(dtype).removeprefix("torch."),
         "tolerance": tol,
         "verdict": "exact" if exact else "lossy",
-        "untouched": {"identical": untouched, "changed": changed},
+        "untouched": {"identical": untouched, "changed": changed_top + changed},
         "logits": {"max_abs_err": abs_err, "rel_err": rel_err, "top1_agreement": top1, "kl": max(kl, 0.0)},
         "layers": layers,
         "worst_layer": worst["index"] if worst else None,

@@ -489,3 +489,24 @@ def test_streaming_memory_is_bounded_by_layers(tmp_path):
     assert r["streamed"] < bound, f"verify grew RSS by {r['streamed'] / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB (model {model_bytes / 1e6:.0f} MB)"
     # the bound is tight enough to tell: holding one whole model exceeds it
     assert r["bytes"] >= model_bytes and r["whole"] > bound, r
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_big_tensors_are_read_once(monkeypatch, checkpoint, tmp_path, tied):
+    """embed_tokens and lm_head: one read per model (they are the largest tensors of big-vocabulary models)."""
+    from moesurgery.lazy import Lazy
+
+    ref = checkpoint("llama", tie_word_embeddings=tied)
+    convert(ref, tmp_path / "cand", "qwen2")
+    reads: dict[str, int] = {}
+    load = Lazy.load
+
+    def counting(self):
+        reads[self.origin] = reads.get(self.origin, 0) + 1
+        return load(self)
+
+    monkeypatch.setattr(Lazy, "load", counting)
+    report = verify(ref, tmp_path / "cand", seq_len=8)
+    assert report["verdict"] == "exact" and report["untouched"]["changed"] == []
+    assert reads["model.embed_tokens.weight"] == 2  # reference + candidate
+    assert reads.get("lm_head.weight", 0) == (0 if tied else 2)

@@ -94,12 +94,22 @@ class Runtime:
             self._embed = _load(self.model.embed, self.device, self.dtype)
         return self._embed
 
+    def use_embed(self, weight: torch.Tensor) -> None:
+        """The embedding matrix, already read (cast here; not read again)."""
+        self._embed = weight.to(self.device, self.dtype)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, H]
         return F.embedding(input_ids.to(self.device), self.embed_weight())
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, V] fp32
+    def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # [B, T, H] -> [B, T, V] fp32
+        """Final norm and lm_head (tied: the embeddings); `weight`: the lm_head already read."""
         x = rms_norm(x, _load(self.model.norm, self.device, self.dtype), self.arch.rms_norm_eps)
-        weight = self.embed_weight() if self.model.lm_head is None else _load(self.model.lm_head, self.device, self.dtype)
+        if weight is not None:
+            weight = weight.to(self.device, self.dtype)
+        elif self.model.lm_head is None:
+            weight = self.embed_weight()
+        else:
+            weight = _load(self.model.lm_head, self.device, self.dtype)
         return linear(x, weight).float()
 
     # ---- blocks ---------------------------------------------------------------------------
