@@ -74,3 +74,20 @@ def test_cuda_triton_in_a_cuda_graph():
     x.copy_(torch.randn(4, 128, device="cuda", dtype=torch.bfloat16))
     graph.replay()
     assert rel_err(out, reference(x, m)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device with Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_swiglu_and_gather_sum(dtype):
+    """The grouped-GEMM path's fused elementwise kernels against the unfused torch ops."""
+    from moesurgery.runtime.triton_moe import gather_sum, swiglu_scale
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, I = 37, 1100
+    gu, ws = torch.randn(N, 2 * I, device="cuda", generator=g).to(dtype), torch.rand(N, device="cuda", generator=g).to(dtype)
+    want = (torch.nn.functional.silu(gu[:, :I].float()) * gu[:, I:].float() * ws[:, None].float()).to(dtype)
+    torch.testing.assert_close(swiglu_scale(gu, ws), want)
+    T, k, H = 7, 4, 1500
+    ys, order = torch.randn(T * k, H, device="cuda", generator=g).to(dtype), torch.randperm(T * k, device="cuda", generator=g)
+    buf = torch.empty_like(ys).index_copy_(0, order, ys)
+    torch.testing.assert_close(gather_sum(ys, order, T, k), buf.float().view(T, k, H).sum(1).to(dtype))

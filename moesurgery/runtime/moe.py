@@ -198,6 +198,11 @@ def experts_sorted(
         offs = counts.cumsum(0).to(torch.int32)  # [E]
         xs = x.index_select(0, token)  # [N, H]
         gu = _GROUPED_MM(xs, gate_up.transpose(-2, -1), offs=offs)  # [N, 2I]
+        if triton_available(x.device):  # fused elementwise passes: less traffic over [T*k, .] buffers
+            from . import triton_moe
+
+            h = triton_moe.swiglu_scale(gu, ws.view(-1))  # [N, I]
+            return triton_moe.gather_sum(_GROUPED_MM(h, down.transpose(-2, -1), offs=offs), order, T, k)
         h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
         buf.index_copy_(0, order, _GROUPED_MM(h, down.transpose(-2, -1), offs=offs))
     elif cpu and N * (2 * I + H) * x.element_size() > CHAIN_BYTES:

@@ -120,6 +120,54 @@ def _launch(nblocks: int, n: int, *args, SWIGLU: bool, BLOCK_M: int, **kwargs) -
     _moe_gemm[(nblocks, triton.cdiv(n, t["BLOCK_N"]))](*args, SWIGLU=SWIGLU, BLOCK_M=BLOCK_M, **kwargs, **t)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_scale(gu_ptr, ws_ptr, h_ptr, I, BLOCK: tl.constexpr):
+        """h[r] = silu(gu[r, :I]) * gu[r, I:] * ws[r], in fp32, one rounding."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < I
+        g = tl.load(gu_ptr + row * 2 * I + offs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * I + I + offs, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(ws_ptr + row).to(tl.float32)
+        tl.store(h_ptr + row * I + offs, (g * tl.sigmoid(g) * u * w).to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gather_sum(ys_ptr, pos_ptr, out_ptr, H, top_k, BLOCK: tl.constexpr):
+        """out[t] = sum_j ys[pos[t*k + j]], accumulated in fp32."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, top_k):
+            r = tl.load(pos_ptr + t * top_k + j).to(tl.int64)
+            acc += tl.load(ys_ptr + r * H + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+ELEMENTWISE_BLOCK = 1024
+
+
+def swiglu_scale(gu: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """gu [N, 2I] (gate | up), ws [N] -> silu(gate) * up * ws [N, I]: one pass instead of four."""
+    N, I = gu.shape[0], gu.shape[1] // 2
+    h = gu.new_empty(N, I)
+    _swiglu_scale[(N, triton.cdiv(I, ELEMENTWISE_BLOCK))](gu, ws.contiguous(), h, I, BLOCK=ELEMENTWISE_BLOCK)
+    return h
+
+
+def gather_sum(ys: torch.Tensor, order: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """ys [N, H] in sorted order (row i is pair order[i]) -> [T, H], the sum over each token's k pairs:
+    one read of ys instead of a scatter into pair order and a sum."""
+    N, H = ys.shape
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(N, device=order.device)  # [N] sorted row of each pair
+    out = ys.new_empty(T, H)
+    _gather_sum[(T, triton.cdiv(H, ELEMENTWISE_BLOCK))](ys, pos, out, H, k, BLOCK=ELEMENTWISE_BLOCK)
+    return out
+
+
 def block_m_for(pairs: int, experts: int) -> int:
     """Rows per tile: about the mean rows per expert, 16 (tl.dot's minimum) to 128."""
     mean = pairs / max(experts, 1)
