@@ -207,5 +207,5 @@ def test_cuda_backends_match_reference(dtype, T):
 def test_cuda_auto_picks_batched_for_a_handful_of_small_pairs():
     m = make_moe(E=8, k=2, device="cuda")
     assert choose_backend(1, 2, m.gate_up, m.down) == "batched"
-    assert choose_backend(256, 2, m.gate_up, m.down) == ("triton" if triton_available("cuda") else "sorted")
-    assert choose_backend(1024, 2, m.gate_up, m.down) == "sorted"  # 256 pairs per expert: grouped GEMM
+    assert choose_backend(64, 2, m.gate_up, m.down) == ("triton" if triton_available("cuda") else "sorted")
+    assert choose_backend(256, 2, m.gate_up, m.down) == "sorted"  # 64 pairs per expert: grouped GEMM

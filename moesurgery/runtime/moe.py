@@ -13,7 +13,7 @@ Expert dispatch backends (`moe_forward(x, m, backend)`), all computing the same 
               on CUDA bf16, else a loop over the segments); combine = gather back + sum over k
     batched   gather each pair's expert weights, bmm: no sort, no host sync; copies k experts per token
     auto      `choose_backend`: CUDA: batched for a handful of pairs of small experts, triton for up to
-              128 pairs per expert, then sorted (grouped GEMM); CPU: sorted
+              32 pairs per expert, then sorted (grouped GEMM); CPU: sorted
     grouped   sorted through torch grouped_mm (where it runs), segments: sorted through the loop
     triton    fused Triton kernels (runtime/triton_moe.py, CUDA): pairs padded per expert, SwiGLU fused
 """
@@ -254,7 +254,7 @@ def experts_batched(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up
 
 AUTO_BATCHED_MAX_PAIRS = 8  # `auto` picks `batched` for at most this many (token, expert) pairs...
 AUTO_BATCHED_MAX_BYTES = 32 * 2**20  # ...when the weights it gathers are this small (else it is a copy of them)
-AUTO_TRITON_MAX_ROWS = 128  # CUDA: `triton` while pairs per expert (T*k/E) stay under this, then grouped GEMM
+AUTO_TRITON_MAX_ROWS = 32  # CUDA: `triton` while pairs per expert (T*k/E) stay under this, then grouped GEMM
 
 
 def choose_backend(T: int, k: int, gate_up: torch.Tensor, down: torch.Tensor) -> str:
@@ -262,8 +262,9 @@ def choose_backend(T: int, k: int, gate_up: torch.Tensor, down: torch.Tensor) ->
 
     CUDA: `batched` for a handful of pairs of small experts (one kernel beats per-expert launches);
     `triton` up to AUTO_TRITON_MAX_ROWS pairs per expert (on an H100 it reads the touched experts at
-    0.77-0.95 of the copy bandwidth at T <= 16, where torch's grouped GEMM gets 0.66-0.85, and is on
-    par at T = 256); past that `sorted` through grouped GEMM (faster at T = 4096). BENCHMARKS.md.
+    0.77-0.95 of the copy bandwidth at T <= 16, ~4 pairs per expert, where torch's grouped GEMM gets
+    0.66-0.85); past that `sorted` through grouped GEMM with the fused elementwise kernels (4-5% faster
+    at 64 pairs per expert, 8-25% at 1024). The crossover lies between; 32 is untested. BENCHMARKS.md.
     CPU: `sorted`."""
     pair_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     if gate_up.device.type == "cuda":
