@@ -58,8 +58,10 @@ def inspect_model(spec) -> dict:
         "path": str(opened.source.path),
         "model_type": model.family,
         "architecture": (opened.config.get("architectures") or [None])[0],
-        "dtypes": reader.dtypes(),
+        "dtypes": reader.dtypes(),  # as read: block-scaled fp8 weights count as the bf16 they decode to
         "bytes": reader.total_bytes,
+        "fp8_block_size": list(reader.fp8_block) if reader.fp8_block else None,
+        "fp8_weights": len(reader.scales),
         "shards": len(reader.files),
         "num_layers": model.arch.num_layers,
         "hidden_size": model.arch.hidden_size,

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fp8
 from .canonical import Model
 from .errors import BadInputError
 from .layouts import Layout, layout_for_config
@@ -48,8 +49,14 @@ def resolve(spec: str | Path) -> ResolvedSource:
 def open_model(spec: str | Path) -> Opened:
     source = resolve(spec)
     cfg = read_config(source.path)
+    block = fp8.block_size(cfg)
+    if block is not None:  # block-scaled FP8: read dequantized, as the bf16 model it encodes
+        cfg = fp8.unquantized_config(cfg)
     layout = layout_for_config(cfg)
-    reader = CheckpointReader(source.path)
+    reader = CheckpointReader(source.path, fp8_block=block)
+    stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
+    if stray is not None:
+        raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
     try:
         model = layout.read(cfg, reader)
     except (KeyError, TypeError, ValueError) as e:

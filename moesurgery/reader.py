@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import fp8
 from .errors import BadInputError
 from .lazy import Lazy
 
@@ -61,13 +62,18 @@ class TensorInfo:
 
 
 class CheckpointReader:
-    """Index of every tensor of a checkpoint directory; tensors are read on demand."""
+    """Index of every tensor of a checkpoint directory; tensors are read on demand.
 
-    def __init__(self, directory: str | Path):
+    fp8_block: the (b0, b1) blocks of a block-scaled FP8 checkpoint (fp8.block_size(config)): its
+    float8 weights are then read dequantized to bf16 and their `weight_scale_inv` tensors hidden."""
+
+    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None):
         self.directory = Path(directory)
         self.files: list[Path] = []
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
+        self.fp8_block = fp8_block
+        self.scales: dict[str, TensorInfo] = {}  # fp8 weight key -> its scale_inv (hidden from `tensors`)
         index_path = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
         if index_path.exists():
@@ -87,6 +93,7 @@ class CheckpointReader:
                     )
                 raise BadInputError(f"{self.directory}: no safetensors weights found")
             self._scan(shards)
+        self._pair_fp8()
 
     # ---- indexing ------------------------------------------------------------------------------
     def _load_index(self, index_path: Path) -> None:
@@ -126,6 +133,27 @@ class CheckpointReader:
                     raise BadInputError(f"{key} is stored twice: in {self.tensors[key].file.name} and {path.name}")
                 self.tensors[key] = self._entry(path, key, entry, data_size)
 
+    def _pair_fp8(self) -> None:
+        """Find each float8 weight's scale_inv; present the weight as bf16 and hide the scale."""
+        if self.fp8_block is None:  # float8 tensors, if any, are read as they are
+            return
+        for key, info in list(self.tensors.items()):
+            if info.dtype not in fp8.FP8_DTYPES:
+                continue
+            scale_key = key + fp8.SCALE_SUFFIX
+            where = f"{info.file.name}: tensor {key}"
+            if scale_key not in self.tensors or len(info.shape) != 2:
+                raise BadInputError(f"{where} is float8 without a 2-D block scale {scale_key}")
+            want = fp8.scale_shape(info.shape, self.fp8_block)
+            if self.tensors[scale_key].shape != want:
+                raise BadInputError(f"{where}: {scale_key} has shape {list(self.tensors[scale_key].shape)}, "
+                                    f"expected {list(want)} for {self.fp8_block[0]}x{self.fp8_block[1]} blocks")
+            self.scales[key] = self.tensors[scale_key]
+            numel = info.shape[0] * info.shape[1]
+            self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, numel * fp8.DEQUANT_DTYPE.itemsize)
+        for scale in self.scales.values():
+            del self.tensors[scale.key]
+
     @staticmethod
     def _entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
         """Validate one header entry against its dtype, shape and the file's size."""
@@ -161,23 +189,33 @@ class CheckpointReader:
         except KeyError:
             raise BadInputError(f"{self.directory.name}: tensor {key} is missing") from None
 
+    def _read(self, key: str, file: Path, sl: tuple[slice, ...] | None = None) -> torch.Tensor:
+        try:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(key) if sl is None else f.get_slice(key)[sl]
+        except Exception as e:
+            raise BadInputError(f"{file.name}: cannot read tensor {key} ({e})") from e
+
+    def _read_scale(self, key: str) -> torch.Tensor:
+        scale = self.scales[key]
+        return self._read(scale.key, scale.file)
+
     def get(self, key: str) -> torch.Tensor:
         info = self.info(key)
-        try:
-            with safe_open(info.file, framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:
-            raise BadInputError(f"{info.file.name}: cannot read tensor {key} ({e})") from e
+        if key in self.scales:
+            return fp8.dequantize(self._read(key, info.file), self._read_scale(key), self.fp8_block)
+        return self._read(key, info.file)
 
     def get_ranges(self, key: str, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
         """Read only `ranges` (one (start, stop) per leading dim) of `key` with `get_slice`."""
         info = self.info(key)
         sl = tuple(slice(a, b) for a, b in ranges)
-        try:
-            with safe_open(info.file, framework="pt") as f:
-                return f.get_slice(key)[sl]
-        except Exception as e:
-            raise BadInputError(f"{info.file.name}: cannot read tensor {key} ({e})") from e
+        if key in self.scales:
+            w8 = self._read(key, info.file, sl)
+            rows = ranges[0] if ranges else None
+            cols = ranges[1] if len(ranges) > 1 else None
+            return fp8.dequantize(w8, self._read_scale(key), self.fp8_block, rows, cols)
+        return self._read(key, info.file, sl)
 
     def lazy(self, key: str) -> Lazy:
         info = self.info(key)

@@ -1,0 +1,57 @@
+"""Block-scaled FP8 checkpoints (DeepSeek-V3/R1, Qwen3 "-FP8", GLM-4.5-FP8: `quant_method: fp8`).
+
+On disk each quantized linear weight W [out, in] is float8_e4m3fn with a float32
+`weight_scale_inv` [ceil(out / b0), ceil(in / b1)] for blocks of b0 x b1 (`weight_block_size`,
+usually 128 x 128); the real weight is W * scale_inv of its block (DeepSeek's `weight_dequant`).
+The reader dequantizes such weights as it reads them (to bfloat16) and hides the scales, so every
+layout, surgery and verify sees ordinary bf16 tensors; outputs are written in bf16 without the
+quantization_config. (Writing FP8 back is not supported.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import BadInputError
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"
+DEQUANT_DTYPE = torch.bfloat16
+
+
+def block_size(cfg: dict) -> tuple[int, int] | None:
+    """(b0, b1) of a block-scaled FP8 config, None for any other checkpoint; refuses other quantizations."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise BadInputError(f"config.json: quantization {method!r} is not supported (only block-scaled fp8, or unquantized weights)")
+    size = q.get("weight_block_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(b, int) and b > 0 for b in size)):
+        raise BadInputError("config.json: fp8 quantization without a weight_block_size [b0, b1] (per-tensor fp8 is not supported)")
+    return size[0], size[1]
+
+
+def unquantized_config(cfg: dict) -> dict:
+    """The config of the dequantized model: no quantization_config, bfloat16."""
+    out = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    for key in ("torch_dtype", "dtype"):
+        if key in out:
+            out[key] = "bfloat16"
+    return out
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def dequantize(w8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], rows: tuple[int, int] | None = None,
+               cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """w8 [r, c] (the rows/cols slice of the full weight) * its blocks' scale_inv -> bf16 [r, c]."""
+    r0 = rows[0] if rows else 0
+    c0 = cols[0] if cols else 0
+    r = torch.arange(r0, r0 + w8.shape[0]) // block[0]  # [r] block row of each row
+    c = torch.arange(c0, c0 + w8.shape[1]) // block[1]  # [c]
+    scale = scale_inv.float()[r][:, c]  # [r, c]
+    return (w8.float() * scale).to(DEQUANT_DTYPE)

@@ -1,0 +1,156 @@
+"""Block-scaled FP8 checkpoints (DeepSeek-V3 style): read dequantized, written as plain bf16."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moesurgery.cli import main
+from moesurgery.convert import convert
+from moesurgery.errors import BadInputError
+from moesurgery.fp8 import dequantize
+from moesurgery.model_io import open_model
+from moesurgery.operations import split_experts
+from tests.fixtures import reference_logits
+
+BLOCK = (16, 16)
+QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+                       r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight")
+
+
+def quantize(w: torch.Tensor, block=BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [o, i] -> (float8_e4m3fn [o, i], scale_inv fp32 [ceil(o/b0), ceil(i/b1)]), DeepSeek's recipe."""
+    o, i = w.shape
+    so, si = -(-o // block[0]), -(-i // block[1])
+    scale = torch.empty(so, si)
+    for r in range(so):
+        for c in range(si):
+            tile = w[r * block[0] : (r + 1) * block[0], c * block[1] : (c + 1) * block[1]].float()
+            scale[r, c] = tile.abs().max().clamp_min(1e-12) / 448.0
+    full = scale.repeat_interleave(block[0], 0)[:o].repeat_interleave(block[1], 1)[:, :i]
+    return (w.float() / full).to(torch.float8_e4m3fn), scale
+
+
+@pytest.fixture
+def fp8_pair(checkpoint, tmp_path) -> tuple[Path, Path]:
+    """(fp8 checkpoint, the bf16 checkpoint it encodes) from a tiny DeepSeek-V3."""
+    src = checkpoint("deepseek_v3")
+    fp8_dir, ref_dir = tmp_path / "fp8", tmp_path / "ref"
+    shutil.copytree(src, fp8_dir)
+    shutil.copytree(src, ref_dir)
+    for shard in fp8_dir.glob("*.safetensors"):
+        tensors = load_file(shard)
+        quantized, reference = {}, {}
+        for key, t in tensors.items():
+            if QUANTIZED.fullmatch(key):
+                w8, s = quantize(t)
+                quantized[key], quantized[key + "_scale_inv"] = w8, s
+                reference[key] = dequantize(w8, s, BLOCK)
+            else:  # as in DeepSeek-V3's release: bf16, the router's correction bias fp32
+                keep = key.endswith("e_score_correction_bias") or not t.is_floating_point()
+                quantized[key] = reference[key] = t if keep else t.to(torch.bfloat16)
+        save_file(quantized, shard, metadata={"format": "pt"})
+        save_file(reference, ref_dir / shard.name, metadata={"format": "pt"})
+    for name in ("model.safetensors.index.json",):
+        for d in (fp8_dir, ref_dir):
+            (d / name).unlink(missing_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    ref_cfg = {**cfg, "torch_dtype": "bfloat16"}
+    (ref_dir / "config.json").write_text(json.dumps(ref_cfg))
+    fp8_cfg = {**ref_cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": list(BLOCK), "activation_scheme": "dynamic", "fmt": "e4m3"}}
+    (fp8_dir / "config.json").write_text(json.dumps(fp8_cfg))
+    return fp8_dir, ref_dir
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        out |= load_file(shard)
+    return out
+
+
+def test_reader_dequantizes_and_hides_scales(fp8_pair):
+    fp8_dir, ref_dir = fp8_pair
+    opened = open_model(fp8_dir)
+    assert not [k for k in opened.reader.keys() if k.endswith("_scale_inv")]
+    assert "quantization_config" not in opened.model.config
+    ref = tensors_of(ref_dir)
+    key = next(k for k in ref if QUANTIZED.fullmatch(k) and "experts.1." in k)
+    got = opened.reader.get(key)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref[key])
+    # a slice through get_slice dequantizes with the right blocks (rows and columns off block edges)
+    rows, cols = (3, ref[key].shape[0] - 5), (7, ref[key].shape[1] - 2)
+    assert torch.equal(opened.reader.get_ranges(key, (rows, cols)), ref[key][rows[0] : rows[1], cols[0] : cols[1]])
+
+
+def test_convert_writes_the_bf16_model_and_transformers_agrees(fp8_pair, tmp_path):
+    fp8_dir, ref_dir = fp8_pair
+    convert(fp8_dir, tmp_path / "out", "deepseek_v3")
+    out, ref = tensors_of(tmp_path / "out"), tensors_of(ref_dir)
+    assert set(out) == set(ref)
+    assert [k for k in ref if not torch.equal(out[k], ref[k])] == []
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reference_logits(tmp_path / "out", ids), reference_logits(ref_dir, ids), rtol=0, atol=0)
+
+
+def test_finer_experts_slice_fp8_weights_exactly(fp8_pair, tmp_path):
+    fp8_dir, ref_dir = fp8_pair
+    split_experts(fp8_dir, tmp_path / "a", granularity=2)
+    split_experts(ref_dir, tmp_path / "b", granularity=2)
+    a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_inspect_says_fp8(fp8_pair, capsys):
+    code = main(["inspect", str(fp8_pair[0]), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["fp8_block_size"] == list(BLOCK)
+
+
+def test_fp8_without_scale_is_refused(fp8_pair, tmp_path):
+    fp8_dir = fp8_pair[0]
+    shard = next(fp8_dir.glob("*.safetensors"))
+    tensors = load_file(shard)
+    drop = next(k for k in tensors if k.endswith("_scale_inv"))
+    del tensors[drop]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match="without a 2-D block scale"):
+        open_model(fp8_dir)
+
+
+def test_other_quantizations_are_refused(fp8_pair, capsys):
+    fp8_dir = fp8_pair[0]
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    code = main(["inspect", str(fp8_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "awq" in err[0]
+
+
+def test_verify_fp8_against_its_bf16_model_is_exact(fp8_pair, capsys):
+    code = main(["verify", str(fp8_pair[0]), str(fp8_pair[1]), "--expect", "exact", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["verdict"] == "exact" and report["untouched"]["changed"] == []
+
+
+def test_inspect_human_output_names_fp8(fp8_pair, capsys):
+    assert main(["inspect", str(fp8_pair[0])]) == 0
+    assert "block-scaled float8 weights (16x16 blocks)" in capsys.readouterr().out
+
+
+def test_float8_without_a_quantization_config_is_refused(fp8_pair):
+    fp8_dir = fp8_pair[0]
+    cfg = json.loads((fp8_dir / "config.json").read_text())
+    del cfg["quantization_config"]
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match="is float8 but config.json has no block-scaled fp8"):
+        open_model(fp8_dir)
