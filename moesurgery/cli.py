@@ -286,11 +286,25 @@ def print_surgery(r: dict) -> None:
         stdout.print(f"check ({c['inputs']}, layers {[l['index'] for l in c['layers']]}): [{style}]{c['verdict']}[/{style}], max rel err {c['rel_err']:.2e}")
 
 
+def _eval_text(value: str | None) -> str | None:
+    """--text: a file, or `pydoc` (the held-out half of the built-in text)."""
+    if value is None:
+        return None
+    if value == "pydoc":
+        from .texts import heldout_text
+
+        return heldout_text()
+    path = Path(value)
+    if not path.is_file():
+        raise BadInputError(f"--text: no such file {value}")
+    return path.read_text(errors="replace")
+
+
 @app.command()
 def verify(
     reference: str = typer.Argument(..., help="The reference checkpoint (local dir, org/name[@rev], tiny:<family>)."),
     candidate: str = typer.Argument(..., help="The checkpoint that should compute the same function."),
-    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file: tokenized with the reference's tokenizer; adds perplexity."),
+    text: Optional[str] = typer.Option(None, "--text", help="A UTF-8 text file, or `pydoc` for built-in English text (held out from `--calibration pydoc`): tokenized with the reference's tokenizer; adds perplexity."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Explicit token ids (comma separated) or a file of them."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence."),
     batch: int = typer.Option(2, "--batch", help="Sequences."),
@@ -305,10 +319,8 @@ def verify(
 
     if expect not in (None, "exact", "lossy"):
         raise UsageError(f"--expect must be exact or lossy, not {expect!r}")
-    if text is not None and not text.is_file():
-        raise BadInputError(f"--text: no such file {text}")
     report = run_verify(
-        reference, candidate, text=text.read_text(errors="replace") if text else None,
+        reference, candidate, text=_eval_text(text),
         tokens=read_tokens(tokens) if tokens is not None else None, batch=batch, seq_len=seq_len, seed=seed,
         device=device, dtype=parse_dtype(dtype),
     )

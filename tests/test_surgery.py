@@ -117,6 +117,9 @@ def test_moefy_every_method_measures_its_loss(checkpoint, tmp_path, method):
     assert report["verdict"] == "lossy" and report["expected"] == "lossy"
     for m in report["measured"]:
         assert 0 < m["rel_err"] < 1.5 and 0 <= m["oracle_rel_err"] <= m["rel_err"] + 1e-6
+    # the quick check runs on calibration hidden states, not on N(0, 1) noise the router never saw
+    assert report["check"]["inputs"].endswith("calibration hidden states per layer")
+    assert [l["index"] for l in report["check"]["layers"]] == [m["index"] for m in report["measured"]][: len(report["check"]["layers"])]
 
 
 def test_moefy_with_all_experts_active_is_exact(checkpoint, tmp_path):
@@ -234,3 +237,11 @@ def test_mixtral_first_k_dense_is_mean_of_experts_and_measured(checkpoint, tmp_p
     model = open_model(tmp_path / "out").model
     assert isinstance(model.layers[0].ffn, SwiGLU) and model.layers[0].ffn.width == 4 * 48
     assert report["check"]["layers"][1]["rel_err"] < 1e-5  # the MoE layer is still exact
+
+
+def test_weight_only_split_points_to_calibration(checkpoint, tmp_path):
+    report = split_experts(checkpoint("llama"), tmp_path / "out", experts=6, top_k=3, shared=2, dry_run=True)
+    assert any("--calibration pydoc" in n for n in report["notes"])
+    report = split_experts(checkpoint("llama"), tmp_path / "out", experts=6, top_k=3, shared=2, method="coactivation", router="fitted",
+                           calibration_text="The quick brown fox jumps over the lazy dog. " * 40, dry_run=True)
+    assert not any("--calibration pydoc" in n for n in report["notes"])

@@ -510,3 +510,10 @@ def test_big_tensors_are_read_once(monkeypatch, checkpoint, tmp_path, tied):
     assert report["verdict"] == "exact" and report["untouched"]["changed"] == []
     assert reads["model.embed_tokens.weight"] == 2  # reference + candidate
     assert reads.get("lm_head.weight", 0) == (0 if tied else 2)
+
+
+def test_text_pydoc_is_the_builtin_heldout_text(capsys, exact_pair):
+    code, out, err = cli(capsys, *exact_pair, "--text", "pydoc", "--seq-len", 16, "--json")
+    assert code == 0 and err == []
+    report = json.loads(out)
+    assert report["inputs"]["kind"].startswith("text") and math.isfinite(report["perplexity"]["reference"])

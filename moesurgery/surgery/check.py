@@ -16,16 +16,23 @@ def pick_layers(n: int, most: int = 4) -> list[int]:
     return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
 
 
-def quick_check(source: Model, output: Model, layers: list[int] | None = None, tokens: int = 64, seed: int = 0) -> dict:
-    """Feed the same N(0, 1) hidden states to source and output FFN blocks of some layers."""
-    layers = pick_layers(len(source.layers)) if layers is None else layers
+def quick_check(source: Model, output: Model, layers: list[int] | None = None, tokens: int = 64, seed: int = 0,
+                inputs: dict[int, torch.Tensor] | None = None) -> dict:
+    """Feed the same hidden states to source and output FFN blocks of some layers: N(0, 1) ones, or
+    `inputs` {layer: [T, H]} (the source's real FFN inputs from calibration, for calibrated surgery
+    whose routers only make sense in distribution)."""
+    if inputs:
+        layers = sorted(inputs)
+    else:
+        layers = pick_layers(len(source.layers)) if layers is None else layers
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for i in layers:
-        x = torch.randn(tokens, source.arch.hidden_size, generator=gen)
+        x = inputs[i][:tokens] if inputs else torch.randn(tokens, source.arch.hidden_size, generator=gen)
         want = ffn_forward(x, load_ffn(source.layers[i].ffn))
         got = ffn_forward(x, load_ffn(output.layers[i].ffn))
         err = (got - want).abs().max().item()
         rows.append({"index": i, "max_abs_err": err, "rel_err": err / max(want.abs().max().item(), 1e-30)})
     worst = max(r["rel_err"] for r in rows) if rows else 0.0
-    return {"verdict": "exact" if worst <= TOLERANCE else "lossy", "rel_err": worst, "layers": rows, "inputs": f"{tokens} random N(0,1) hidden states per layer"}
+    what = f"{min(tokens, len(next(iter(inputs.values()))))} calibration hidden states per layer" if inputs else f"{tokens} random N(0,1) hidden states per layer"
+    return {"verdict": "exact" if worst <= TOLERANCE else "lossy", "rel_err": worst, "layers": rows, "inputs": what}
