@@ -166,7 +166,8 @@ def run(args) -> dict:
     cal_text = calibration_text()
 
     cache = CachedFFNInputs(_calibration.ffn_inputs)
-    _calibration.ffn_inputs = cache  # split_experts imports it at call time
+    if not args.sequential:  # sequential calibration depends on each split: nothing to reuse
+        _calibration.ffn_inputs = cache  # split_experts imports it at call time
     t0 = time.perf_counter()
     dense = evaluate(source, ids)
     log(f"dense: ppl {dense['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)", args)
@@ -182,7 +183,8 @@ def run(args) -> dict:
                     out = scratch / f"{frac}-{method}-{router}"
                     t = time.perf_counter()
                     report = split_experts(source, out, experts=N, top_k=K, shared=S, method=method, router=router,
-                                           calibration_text=cal_text, calibration_tokens=args.calibration_tokens, seed=args.seed)
+                                           calibration_text=cal_text, calibration_tokens=args.calibration_tokens, seed=args.seed,
+                                           sequential=args.sequential)
                     split_s = time.perf_counter() - t
                     measured = report["measured"]
                     cal = {key: sum(m[key] for m in measured) / len(measured) for key in ("rel_err", "oracle_rel_err", "router_oracle_agreement")}
@@ -210,6 +212,7 @@ def run(args) -> dict:
         "python": platform.python_version(),
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
         "calibration_tokens": args.calibration_tokens,
+        "sequential": args.sequential,
         "eval": {"sequences": args.eval_seqs, "seq_len": args.seq_len, "tokens": need},
         "dense_ppl": dense["ppl"],
         "calibration_s": cache.computed_s,
@@ -264,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="a dense Llama-like checkpoint with tokenizer.json and FFN width divisible by 16 (default: SmolLM2-135M)")
     p.add_argument("--workdir", help="where the temporary splits go (default: the system temp dir)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already-split layers' outputs (split_experts(sequential=True))")
     p.add_argument("--quick", action="store_true", help="50%% only, contiguous + coactivation, 2048 calibration tokens, 4 held-out sequences")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     args = p.parse_args(argv)

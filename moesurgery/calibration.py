@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 import torch
 
-from .canonical import Model
+from .canonical import FFN, Model
 from .errors import BadInputError
-from .runtime.model import Runtime, ffn_forward
+from .runtime.model import Runtime, ffn_forward, load_ffn
 
 
 def tokenize(source_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
@@ -44,8 +44,12 @@ def read_calibration(path: str | Path) -> str:
     return text
 
 
-def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (layer index, FFN input [T, H]) of the *source* model, one layer at a time."""
+def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Generator[tuple[int, torch.Tensor], FFN | None, None]:
+    """Yield (layer index, FFN input [T, H]) of the *source* model, one layer at a time.
+
+    `send(ffn)` instead of `next()` after layer i's input: the stream goes on through `ffn` (the
+    layer's replacement) instead of the source's FFN, so later layers see the inputs the converted
+    model will give them (sequential calibration)."""
     rt = Runtime(model, "cpu", dtype)
     with torch.no_grad():
         positions = torch.arange(ids.shape[1])
@@ -55,6 +59,7 @@ def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Iterator
             layer = rt.layer(i)
             x, _ = rt.attention(x, layer, positions, rope)
             h = rt.ffn_input(x, layer)
-            yield i, h.reshape(-1, h.shape[-1])
-            x = x + ffn_forward(h, layer.ffn)
+            replacement = yield i, h.reshape(-1, h.shape[-1])
+            ffn = layer.ffn if replacement is None else load_ffn(replacement)
+            x = x + ffn_forward(h, ffn, "auto")
             del layer

@@ -212,6 +212,7 @@ def split_experts(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text."),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential", help="With --calibration: calibrate each layer on the inputs the already-split layers give it (default: the dense model's)."),
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
@@ -221,9 +222,9 @@ def split_experts(
     from .recipes import load_recipe, merge
 
     defaults = dict(granularity=None, experts=None, top_k=None, shared=0, method="kmeans", router="centroid", calibration=None,
-                    calibration_tokens=4096, first_k_dense=0, to=None, seed=0)
+                    calibration_tokens=4096, first_k_dense=0, sequential=False, to=None, seed=0)
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration,
-                 calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, to=to, seed=seed)
+                 calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, sequential=sequential, to=to, seed=seed)
     o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults)
     text = _calibration(o.pop("calibration"))
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,

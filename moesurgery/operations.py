@@ -121,10 +121,11 @@ def split_experts(
     source, output, *, granularity: int | None = None, experts: int | None = None, top_k: int | None = None, shared: int = 0,
     method: str = "kmeans", router: str = "centroid", calibration_text: str | None = None, calibration_tokens: int = 4096,
     first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts", sequential: bool = False,
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
-    training-free split into routed (+ shared) experts (lossy, measured)."""
+    training-free split into routed (+ shared) experts (lossy, measured). `sequential`: calibrate
+    each layer on the inputs the already-split layers before it produce (else the dense model's)."""
     opened = open_model(source)
     is_moe = bool(opened.model.moe_layers())
     if to is None:
@@ -173,16 +174,19 @@ def split_experts(
         inputs = ffn_inputs(model, ids)
     layers, measured, check_inputs = [], [], {}
     checked = set(pick_layers(len(model.layers)))
+    pending = next(inputs) if inputs is not None else None
     for layer in model.layers:
-        x = next(inputs)[1] if inputs is not None else None
+        x = pending[1] if pending is not None else None
         if x is not None and layer.index in checked:
             check_inputs[layer.index] = x[:: max(1, len(x) // 64)][:64].clone()  # the quick check feeds these, not N(0, 1) noise
         if layer.index < first_k_dense:
             layers.append(layer)
-            continue
-        ffn, stats = moefy(layer.ffn, spec, x, layer.index)
-        measured.append({"index": layer.index, **stats})
-        layers.append(replace(layer, ffn=ffn))
+        else:
+            ffn, stats = moefy(layer.ffn, spec, x, layer.index)
+            measured.append({"index": layer.index, **stats})
+            layers.append(replace(layer, ffn=ffn))
+        if inputs is not None and layer.index + 1 < len(model.layers):  # the next layer's inputs, through this layer's new FFN if sequential
+            pending = inputs.send(layers[-1].ffn if sequential else None)
     return _weight_only_hint(calibration_text, _finish(
         opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
         allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False,

@@ -245,3 +245,30 @@ def test_weight_only_split_points_to_calibration(checkpoint, tmp_path):
     report = split_experts(checkpoint("llama"), tmp_path / "out", experts=6, top_k=3, shared=2, method="coactivation", router="fitted",
                            calibration_text="The quick brown fox jumps over the lazy dog. " * 40, dry_run=True)
     assert not any("--calibration pydoc" in n for n in report["notes"])
+
+
+def test_sequential_calibration_feeds_later_layers_the_split_model_inputs(checkpoint, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    kw = dict(experts=6, top_k=2, shared=2, method="coactivation", router="fitted", calibration_text=text)
+    plain = split_experts(checkpoint("llama"), tmp_path / "a", **kw)
+    seq = split_experts(checkpoint("llama"), tmp_path / "b", sequential=True, **kw)
+    a, b = plain["measured"], seq["measured"]
+    assert a[0]["rel_err"] == pytest.approx(b[0]["rel_err"], rel=1e-6)  # layer 0 sees the same inputs
+    assert any(abs(x["rel_err"] - y["rel_err"]) > 1e-6 for x, y in zip(a[1:], b[1:]))  # later layers do not
+
+
+def test_calibration_stream_follows_sent_replacements(checkpoint):
+    """ffn_inputs.send(ffn): the stream continues through the replacement FFN."""
+    from moesurgery.calibration import ffn_inputs
+    from moesurgery.model_io import open_model
+    from moesurgery.surgery.moefy import MoefySpec, moefy
+
+    model = open_model(checkpoint("llama")).model
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    dense = [x for _, x in ffn_inputs(model, ids)]
+    stream = ffn_inputs(model, ids)
+    i, x0 = next(stream)
+    moe, _ = moefy(model.layers[0].ffn, MoefySpec(4, 1, 0, "random", "random", "softmax", 0), x0, 0)
+    _, x1 = stream.send(moe)
+    torch.testing.assert_close(x0, dense[0])
+    assert not torch.allclose(x1, dense[1])
