@@ -186,7 +186,7 @@ def split_experts(
             measured.append({"index": layer.index, **stats})
             layers.append(replace(layer, ffn=ffn))
         if inputs is not None and layer.index + 1 < len(model.layers):  # the next layer's inputs, through this layer's new FFN if sequential
-            pending = inputs.send(layers[-1].ffn if sequential else None)
+            pending = inputs.send(layers[-1].ffn) if sequential else next(inputs)
     return _weight_only_hint(calibration_text, _finish(
         opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
         allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False,
