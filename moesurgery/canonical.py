@@ -138,6 +138,7 @@ class Model:
     layers: list[Layer]
     config: dict  # the source config.json, as read
     extras: dict[str, Lazy] = field(default_factory=dict)  # tensors outside the decoder (e.g. MTP)
+    quantization: dict | None = None  # the source's block-scaled fp8 quantization_config (weights read dequantized)
 
     def moe_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]

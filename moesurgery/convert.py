@@ -29,7 +29,7 @@ def convert(
     result = express(opened.model, target)
     if result.lossy and not allow_lossy:
         raise BadInputError(f"{opened.layout.name} -> {target.name} is not exact: {'; '.join(result.lossy)} (pass --allow-lossy to convert anyway)")
-    config, shards = plan_output(result.model, target, max_shard_size)
+    config, shards, notes = plan_output(result.model, target, max_shard_size)
     tensors = [t for s in shards for t in s.tensors]
     report = {
         "source": opened.source.name,
@@ -40,7 +40,7 @@ def convert(
         "exact": result.exact,
         "verdict": "exact" if result.exact else "lossy",
         "lossy_reasons": result.lossy,
-        "notes": result.notes,
+        "notes": result.notes + notes,
         "tensors": len(tensors),
         "tensors_untouched": sum(t.tensor.origin is not None for t in tensors),
         "bytes": sum(s.nbytes for s in shards),

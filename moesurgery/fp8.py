@@ -4,11 +4,15 @@ On disk each quantized linear weight W [out, in] is float8_e4m3fn with a float32
 `weight_scale_inv` [ceil(out / b0), ceil(in / b1)] for blocks of b0 x b1 (`weight_block_size`,
 usually 128 x 128); the real weight is W * scale_inv of its block (DeepSeek's `weight_dequant`).
 The reader dequantizes such weights as it reads them (to bfloat16) and hides the scales, so every
-layout, surgery and verify sees ordinary bf16 tensors; outputs are written in bf16 without the
-quantization_config. (Writing FP8 back is not supported.)
+layout, surgery and verify sees ordinary bf16 tensors. Each such tensor also carries its FP8 form
+(`lazy.Fp8`) through slices on the block grid and through scaling; when every layer `*_proj.weight`
+of the output still has one, the output is written as FP8 again (data + scale_inv, the source's
+quantization_config), else all in bf16 without it.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -40,6 +44,30 @@ def unquantized_config(cfg: dict) -> dict:
         if key in out:
             out[key] = "bfloat16"
     return out
+
+
+LINEAR_WEIGHT = re.compile(r"model\.layers\.\d+\..*_proj(_with_mqa)?\.weight")  # linear weights FP8 checkpoints quantize
+
+
+def requantized(tensors: list) -> tuple[list | None, str | None]:
+    """The planned tensors (writer.PlannedTensor) with every tensor that has an FP8 form written as its
+    FP8 data + `weight_scale_inv`, or (None, why not) when a layer linear weight (`*_proj.weight`)
+    has none any more (a slice off the block grid, a computed tensor): then the whole output stays
+    bf16, as a loader expects every linear weight of an FP8 checkpoint to be quantized."""
+    from .writer import PlannedTensor
+
+    linear = [t for t in tensors if LINEAR_WEIGHT.fullmatch(t.name)]
+    lost = [t.name for t in linear if t.tensor.fp8 is None]
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        return None, f"{lost[0]}{more} cannot stay FP8 (not a block-aligned slice of an FP8 weight)"
+    out = []
+    for t in tensors:
+        if t.tensor.fp8 is not None:
+            out += [PlannedTensor(t.name, t.tensor.fp8.data), PlannedTensor(t.name + SCALE_SUFFIX, t.tensor.fp8.scale_inv)]
+        else:
+            out.append(t)
+    return out, None
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:

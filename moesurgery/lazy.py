@@ -14,6 +14,32 @@ import torch
 Index = tuple  # a tuple of slices, one per leading dim
 
 
+class Fp8:
+    """How a Lazy (the dequantized bf16 view) is stored as block-scaled FP8: the float8 data, its
+    scale_inv and the block size. Carried through row/column slices on block boundaries and through
+    scaling (the scale absorbs the factor), so such tensors can be written back as FP8."""
+
+    __slots__ = ("data", "scale_inv", "block")
+
+    def __init__(self, data: "Lazy", scale_inv: "Lazy", block: tuple[int, int]):
+        self.data, self.scale_inv, self.block = data, scale_inv, block
+
+    def slice(self, ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> "Fp8 | None":
+        """The FP8 form of rows/cols `ranges`, or None unless every range starts on a block edge and
+        ends on one (or at the end of the tensor)."""
+        scale_ranges = []
+        for (a, b), size, blk in zip(ranges, shape, self.block):
+            if a % blk or (b % blk and b != size):
+                return None
+            scale_ranges.append((a // blk, -(-b // blk)))
+        ranges2 = tuple(ranges) + tuple((0, s) for s in shape[len(ranges):])
+        sl = tuple(slice(a, b) for a, b in ranges2)
+        return Fp8(self.data[sl], self.scale_inv[tuple(slice(a, b) for a, b in scale_ranges)], self.block)
+
+    def scaled(self, factor: float) -> "Fp8":
+        return Fp8(self.data, self.scale_inv.map(lambda s: s * factor), self.block)
+
+
 def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
     if not isinstance(idx, tuple):
         idx = (idx,)
@@ -30,7 +56,7 @@ def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
 class Lazy:
     """A tensor not yet read: `shape`, `dtype`, and `load()` to get it."""
 
-    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin")
+    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin", "fp8")
 
     def __init__(
         self,
@@ -39,12 +65,14 @@ class Lazy:
         load: Callable[[], torch.Tensor],
         load_slice: Callable[[tuple[tuple[int, int], ...]], torch.Tensor] | None = None,
         origin: str | None = None,
+        fp8: Fp8 | None = None,
     ):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         self._load = load
         self._load_slice = load_slice
         self.origin = origin  # "key" when this is an untouched source tensor
+        self.fp8 = fp8  # its block-scaled FP8 form, where it still has one
 
     def __repr__(self) -> str:
         return f"Lazy({list(self.shape)}, {self.dtype}, origin={self.origin})"
@@ -84,12 +112,13 @@ class Lazy:
         if all(r == (0, s) for r, s in zip(ranges, self.shape)):
             return self
         shape = [b - a for a, b in ranges]
+        fp8 = self.fp8.slice(ranges, self.shape) if self.fp8 is not None else None
         if self._load_slice is not None:
             parent_slice = self._load_slice
-            return Lazy(shape, self.dtype, lambda: parent_slice(ranges).contiguous(), None)
+            return Lazy(shape, self.dtype, lambda: parent_slice(ranges).contiguous(), None, fp8=fp8)
         parent = self.load
         sl = tuple(slice(a, b) for a, b in ranges)
-        return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous())
+        return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), fp8=fp8)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape=None, dtype=None) -> "Lazy":
         parent = self.load
@@ -98,7 +127,10 @@ class Lazy:
     def scale(self, factor: float) -> "Lazy":
         if factor == 1:
             return self
-        return self.map(lambda t: (t.float() * factor).to(t.dtype) if t.dtype != torch.float64 else t * factor)
+        out = self.map(lambda t: (t.float() * factor).to(t.dtype) if t.dtype != torch.float64 else t * factor)
+        if self.fp8 is not None:
+            out.fp8 = self.fp8.scaled(factor)
+        return out
 
     def to(self, dtype: torch.dtype) -> "Lazy":
         if dtype == self.dtype:

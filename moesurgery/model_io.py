@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import fp8
@@ -50,6 +50,7 @@ def open_model(spec: str | Path) -> Opened:
     source = resolve(spec)
     cfg = read_config(source.path)
     block = fp8.block_size(cfg)
+    quantization = cfg.get("quantization_config")
     if block is not None:  # block-scaled FP8: read dequantized, as the bf16 model it encodes
         cfg = fp8.unquantized_config(cfg)
     layout = layout_for_config(cfg)
@@ -59,14 +60,32 @@ def open_model(spec: str | Path) -> Opened:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
     try:
         model = layout.read(cfg, reader)
+        if block is not None:
+            model = replace(model, quantization=quantization)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(f"config.json: cannot read a {layout.name} config ({e.__class__.__name__}: {e})") from e
     return Opened(source, reader, cfg, layout, model)
 
 
-def plan_output(model: Model, layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> tuple[dict, list[Shard]]:
-    """(config, shards) of `model` written in `layout`: the whole output, planned, nothing read."""
-    return layout.write_config(model), plan_shards(layout.tensors(model), max_shard_size)
+def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
+    """(config, planned tensors, notes) of `model` written in `layout`: FP8 again where the source was
+    block-scaled FP8 and every linear weight kept its FP8 form, else plain."""
+    config, tensors, notes = layout.write_config(model), layout.tensors(model), []
+    if model.quantization:
+        kept, why = fp8.requantized(tensors)
+        if kept is None:
+            notes.append(f"written in bf16 (the FP8 source is dequantized): {why}")
+        else:
+            tensors = kept
+            config["quantization_config"] = model.quantization
+            notes.append("written as block-scaled FP8 like the source (weights + weight_scale_inv, its quantization_config)")
+    return config, tensors, notes
+
+
+def plan_output(model: Model, layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> tuple[dict, list[Shard], list[str]]:
+    """(config, shards, notes) of `model` written in `layout`: the whole output, planned, nothing read."""
+    config, tensors, notes = output_tensors(model, layout)
+    return config, plan_shards(tensors, max_shard_size), notes
 
 
 def save_model(
@@ -79,10 +98,11 @@ def save_model(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
 ) -> list[Shard]:
+    config, tensors, _ = output_tensors(model, layout)
     return write_checkpoint(
         Path(output),
-        layout.tensors(model),
-        layout.write_config(model),
+        tensors,
+        config,
         source_dir=source.path if source else None,
         source_name=source.name if source else "",
         command=command,

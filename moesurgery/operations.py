@@ -69,7 +69,7 @@ def _finish(
         result.notes.append(f"{len(mtp)} tensors of multi-token-prediction layers dropped (num_nextn_predict_layers = 0)")
     if result.lossy and not allow_lossy:
         raise BadInputError(f"{target.name} cannot express the result exactly: {'; '.join(result.lossy)} (pass --allow-lossy, or choose another --to)")
-    config, shards = plan_output(result.model, target, max_shard_size)
+    config, shards, output_notes = plan_output(result.model, target, max_shard_size)
     total, active = model_params(result.model)
     src_total, src_active = model_params(opened.model)
     moe = result.model.moe_layers()
@@ -95,7 +95,7 @@ def _finish(
         "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in shards],
         "expected": "exact" if expect_exact and not surgery_lossy and result.exact else "lossy",
         "lossy_reasons": surgery_lossy + result.lossy,
-        "notes": result.notes,
+        "notes": result.notes + output_notes,
     }
     if measured:
         report["measured"] = measured

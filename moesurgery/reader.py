@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from . import fp8
 from .errors import BadInputError
-from .lazy import Lazy
+from .lazy import Fp8, Lazy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -74,6 +74,7 @@ class CheckpointReader:
         self.metadata: dict[str, str] = {}
         self.fp8_block = fp8_block
         self.scales: dict[str, TensorInfo] = {}  # fp8 weight key -> its scale_inv (hidden from `tensors`)
+        self.fp8_data: dict[str, TensorInfo] = {}  # fp8 weight key -> the stored float8 tensor
         index_path = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
         if index_path.exists():
@@ -149,6 +150,7 @@ class CheckpointReader:
                 raise BadInputError(f"{where}: {scale_key} has shape {list(self.tensors[scale_key].shape)}, "
                                     f"expected {list(want)} for {self.fp8_block[0]}x{self.fp8_block[1]} blocks")
             self.scales[key] = self.tensors[scale_key]
+            self.fp8_data[key] = info
             numel = info.shape[0] * info.shape[1]
             self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, numel * fp8.DEQUANT_DTYPE.itemsize)
         for scale in self.scales.values():
@@ -225,7 +227,19 @@ class CheckpointReader:
             lambda: self.get(key),
             lambda ranges: self.get_ranges(key, ranges),
             origin=key,
+            fp8=self._fp8_form(key),
         )
+
+    def _fp8_form(self, key: str) -> Fp8 | None:
+        """The raw float8 data and scale_inv of a dequantized weight (so it can be written back as FP8)."""
+        if key not in self.scales:
+            return None
+        info, scale = self.fp8_data[key], self.scales[key]
+        data = Lazy(info.shape, info.dtype, lambda: self._read(key, info.file),
+                    lambda r: self._read(key, info.file, tuple(slice(a, b) for a, b in r)), origin=key)
+        scale_inv = Lazy(scale.shape, scale.dtype, lambda: self._read(scale.key, scale.file),
+                         lambda r: self._read(scale.key, scale.file, tuple(slice(a, b) for a, b in r)), origin=scale.key)
+        return Fp8(data, scale_inv, self.fp8_block)
 
     @property
     def total_bytes(self) -> int:

@@ -1,4 +1,5 @@
-"""Block-scaled FP8 checkpoints (DeepSeek-V3 style): read dequantized, written as plain bf16."""
+"""Block-scaled FP8 checkpoints (DeepSeek-V3 style): read dequantized; written back as FP8 where every
+linear weight stays on the block grid, else as plain bf16."""
 
 from __future__ import annotations
 
@@ -89,24 +90,47 @@ def test_reader_dequantizes_and_hides_scales(fp8_pair):
     assert torch.equal(opened.reader.get_ranges(key, (rows, cols)), ref[key][rows[0] : rows[1], cols[0] : cols[1]])
 
 
-def test_convert_writes_the_bf16_model_and_transformers_agrees(fp8_pair, tmp_path):
+def dequantized(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as our reader gives it (FP8 weights dequantized)."""
+    reader = open_model(path).reader
+    return {k: reader.get(k) for k in reader.keys()}
+
+
+def test_convert_keeps_fp8(fp8_pair, tmp_path):
     fp8_dir, ref_dir = fp8_pair
-    convert(fp8_dir, tmp_path / "out", "deepseek_v3")
-    out, ref = tensors_of(tmp_path / "out"), tensors_of(ref_dir)
-    assert set(out) == set(ref)
-    assert [k for k in ref if not torch.equal(out[k], ref[k])] == []
+    report = convert(fp8_dir, tmp_path / "out", "deepseek_v3")
+    assert any("written as block-scaled FP8" in n for n in report["notes"])
+    src, out = tensors_of(fp8_dir), tensors_of(tmp_path / "out")
+    assert set(out) == set(src)  # weights and their weight_scale_inv, same keys
+    same = [torch.equal(out[k].view(torch.uint8), src[k].view(torch.uint8)) if src[k].dtype == torch.float8_e4m3fn else torch.equal(out[k], src[k])
+            for k in src]
+    assert all(same)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
-    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(reference_logits(tmp_path / "out", ids), reference_logits(ref_dir, ids), rtol=0, atol=0)
+    assert cfg["quantization_config"]["weight_block_size"] == list(BLOCK)
+    ref = tensors_of(ref_dir)
+    assert all(torch.equal(t, ref[k]) for k, t in dequantized(tmp_path / "out").items())
 
 
-def test_finer_experts_slice_fp8_weights_exactly(fp8_pair, tmp_path):
+def test_finer_experts_on_the_block_grid_stay_fp8(fp8_pair, tmp_path):
     fp8_dir, ref_dir = fp8_pair
-    split_experts(fp8_dir, tmp_path / "a", granularity=2)
+    report = split_experts(fp8_dir, tmp_path / "a", granularity=2)  # 32-wide experts -> 16: on the 16 x 16 grid
+    assert any("written as block-scaled FP8" in n for n in report["notes"])
     split_experts(ref_dir, tmp_path / "b", granularity=2)
-    a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
+    a, b = dequantized(tmp_path / "a"), tensors_of(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    assert any(k.endswith("_scale_inv") for k in tensors_of(tmp_path / "a"))
+
+
+def test_off_grid_slices_write_bf16_and_transformers_agrees(fp8_pair, tmp_path):
+    fp8_dir, ref_dir = fp8_pair
+    report = split_experts(fp8_dir, tmp_path / "a", granularity=4)  # 32-wide experts -> 8: off the 16 x 16 grid
+    assert any("written in bf16" in n and "cannot stay FP8" in n for n in report["notes"])
+    split_experts(ref_dir, tmp_path / "b", granularity=4)
+    a, b = tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b")
+    assert set(a) == set(b) and [k for k in b if not torch.equal(a[k], b[k])] == []
+    assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reference_logits(tmp_path / "a", ids), reference_logits(tmp_path / "b", ids), rtol=0, atol=0)
 
 
 def test_inspect_says_fp8(fp8_pair, capsys):
