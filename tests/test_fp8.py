@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from moesurgery.cli import main
@@ -178,3 +180,26 @@ def test_float8_without_a_quantization_config_is_refused(fp8_pair):
     (fp8_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInputError, match="is float8 but config.json has no block-scaled fp8"):
         open_model(fp8_dir)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 70), b0=st.sampled_from([4, 8, 16]), b1=st.sampled_from([4, 8, 16]),
+       r=st.tuples(st.integers(0, 70), st.integers(0, 70)), c=st.tuples(st.integers(0, 70), st.integers(0, 70)), factor=st.sampled_from([1.0, 0.5, 3.0]))
+def test_fp8_form_survives_slices_on_the_grid_and_dequantizes_to_the_slice(rows, cols, b0, b1, r, c, factor):
+    """For any shape, block and slice: the FP8 form exists exactly when the slice is on the block
+    grid, and then dequantizes to the slice of the dequantized tensor (times the scale factor)."""
+    from moesurgery.lazy import Fp8, Lazy
+
+    g = torch.Generator().manual_seed(rows * 71 + cols)
+    w8, s = quantize(torch.randn(rows, cols, generator=g), (b0, b1))
+    full = dequantize(w8, s, (b0, b1))
+    lazy = Lazy(full.shape, full.dtype, lambda: full, fp8=Fp8(Lazy.of(w8), Lazy.of(s), (b0, b1)))
+    (r0, r1), (c0, c1) = sorted((min(r[0], rows), min(r[1], rows))), sorted((min(c[0], cols), min(c[1], cols)))
+    part = lazy[r0:r1, c0:c1].scale(factor)
+    on_grid = all(a % b == 0 and (e % b == 0 or e == n) for a, e, b, n in ((r0, r1, b0, rows), (c0, c1, b1, cols)))
+    full_slice = (r0, r1) == (0, rows) and (c0, c1) == (0, cols)
+    assert (part.fp8 is not None) == (on_grid or full_slice)
+    if part.fp8 is not None and r1 > r0 and c1 > c0:
+        got = dequantize(part.fp8.data.load(), part.fp8.scale_inv.load(), (b0, b1))
+        want = (full[r0:r1, c0:c1].float() * factor).to(torch.bfloat16)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=0)
