@@ -184,7 +184,7 @@ def run(args) -> dict:
                     t = time.perf_counter()
                     report = split_experts(source, out, experts=N, top_k=K, shared=S, method=method, router=router,
                                            calibration_text=cal_text, calibration_tokens=args.calibration_tokens, seed=args.seed,
-                                           sequential=args.sequential)
+                                           sequential=args.sequential, first_k_dense=args.first_k_dense)
                     split_s = time.perf_counter() - t
                     measured = report["measured"]
                     cal = {key: sum(m[key] for m in measured) / len(measured) for key in ("rel_err", "oracle_rel_err", "router_oracle_agreement")}
@@ -213,6 +213,7 @@ def run(args) -> dict:
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
         "calibration_tokens": args.calibration_tokens,
         "sequential": args.sequential,
+        "first_k_dense": args.first_k_dense,
         "eval": {"sequences": args.eval_seqs, "seq_len": args.seq_len, "tokens": need},
         "dense_ppl": dense["ppl"],
         "calibration_s": cache.computed_s,
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="a dense Llama-like checkpoint with tokenizer.json and FFN width divisible by 16 (default: SmolLM2-135M)")
     p.add_argument("--workdir", help="where the temporary splits go (default: the system temp dir)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--first-k-dense", type=int, default=0, help="keep the first K layers dense (split_experts(first_k_dense=K))")
     p.add_argument("--sequential", action="store_true", help="calibrate each layer on the already-split layers' outputs (split_experts(sequential=True))")
     p.add_argument("--quick", action="store_true", help="50%% only, contiguous + coactivation, 2048 calibration tokens, 4 held-out sequences")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
