@@ -196,7 +196,8 @@ def split_experts(
 def _weight_only_hint(calibration_text: str | None, report: dict) -> dict:
     if calibration_text is None:
         report["notes"].append("weight-only split (no calibration text): on SmolLM2-135M, --method coactivation --router fitted "
-                               "--calibration pydoc cut the perplexity increase at 75% active from 1.75x (kmeans + centroid) to 1.22x (BENCHMARKS.md, quality)")
+                               "--calibration pydoc cut the perplexity increase at 75% active from 1.75x (kmeans + centroid) to 1.22x, "
+                               "and 1.14x with --first-k-dense 1 (BENCHMARKS.md, quality)")
     return report
 
 

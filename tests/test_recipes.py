@@ -33,7 +33,7 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     if recipe["command"] == "upcycle":
         assert report["expected"] == "exact"
-    assert report["moe_layers"] == recipe["model_config"]["num_hidden_layers"]
+    assert report["moe_layers"] == recipe["model_config"]["num_hidden_layers"] - recipe["options"].get("first_k_dense", 0)
     options = recipe["options"]
     if "experts" in options:
         assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]
