@@ -44,22 +44,23 @@ def read_calibration(path: str | Path) -> str:
     return text
 
 
-def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32) -> Generator[tuple[int, torch.Tensor], FFN | None, None]:
-    """Yield (layer index, FFN input [T, H]) of the *source* model, one layer at a time.
+def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32, device: str = "cpu") -> Generator[tuple[int, torch.Tensor], FFN | None, None]:
+    """Yield (layer index, FFN input [T, H] on the CPU) of the *source* model, one layer at a time;
+    the forward passes run on `device` (one layer's weights there at a time).
 
     `send(ffn)` instead of `next()` after layer i's input: the stream goes on through `ffn` (the
     layer's replacement) instead of the source's FFN, so later layers see the inputs the converted
     model will give them (sequential calibration)."""
-    rt = Runtime(model, "cpu", dtype)
+    rt = Runtime(model, device, dtype)
     with torch.no_grad():
-        positions = torch.arange(ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=rt.device)
         rope = rt.rope(0, ids.shape[1])
         x = rt.embed(ids)
         for i in range(len(model.layers)):
             layer = rt.layer(i)
             x, _ = rt.attention(x, layer, positions, rope)
             h = rt.ffn_input(x, layer)
-            replacement = yield i, h.reshape(-1, h.shape[-1])
-            ffn = layer.ffn if replacement is None else load_ffn(replacement)
+            replacement = yield i, h.reshape(-1, h.shape[-1]).to("cpu", torch.float32)
+            ffn = layer.ffn if replacement is None else load_ffn(replacement, rt.device, dtype)
             x = x + ffn_forward(h, ffn, "auto")
             del layer

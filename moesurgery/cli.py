@@ -212,6 +212,7 @@ def split_experts(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text."),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
+    device: str = typer.Option("cpu", "--device", help="With --calibration: where the calibration forward passes run (cpu or cuda)."),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential", help="With --calibration: calibrate each layer on the inputs the already-split layers give it (default: the dense model's; on SmolLM2 it did not help, BENCHMARKS.md)."),
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
@@ -228,7 +229,7 @@ def split_experts(
     o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults)
     text = _calibration(o.pop("calibration"))
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
-                 max_shard_size=parse_size(max_shard_size), command=command_line(), **o)
+                 max_shard_size=parse_size(max_shard_size), command=command_line(), device=device, **o)
     emit_json(report) if json_out else print_surgery(report)
 
 

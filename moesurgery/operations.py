@@ -122,6 +122,7 @@ def split_experts(
     method: str = "kmeans", router: str = "centroid", calibration_text: str | None = None, calibration_tokens: int = 4096,
     first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts", sequential: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
     training-free split into routed (+ shared) experts (lossy, measured). `sequential`: calibrate
@@ -171,7 +172,13 @@ def split_experts(
         from .calibration import chunk, ffn_inputs, tokenize
 
         ids = chunk(tokenize(opened.source.path, calibration_text, model.arch.vocab_size), 256, calibration_tokens)
-        inputs = ffn_inputs(model, ids)
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise UsageError(f"--device must be cpu or cuda, not {device!r}")
+        inputs = ffn_inputs(model, ids, device=device)
     layers, measured, check_inputs = [], [], {}
     checked = set(pick_layers(len(model.layers)))
     pending = next(inputs) if inputs is not None else None

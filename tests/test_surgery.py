@@ -272,3 +272,18 @@ def test_calibration_stream_follows_sent_replacements(checkpoint):
     _, x1 = stream.send(moe)
     torch.testing.assert_close(x0, dense[0])
     assert not torch.allclose(x1, dense[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_calibration_on_cuda_without_cuda_is_a_usage_error(checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="--device cuda"):
+        split_experts(checkpoint("llama"), tmp_path / "out", experts=6, top_k=3, shared=2, method="coactivation", router="fitted",
+                      calibration_text="The quick brown fox jumps over the lazy dog. " * 40, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_calibration_on_cuda_matches_cpu(checkpoint, tmp_path):
+    kw = dict(experts=6, top_k=3, shared=2, method="coactivation", router="fitted", calibration_text="The quick brown fox jumps over the lazy dog. " * 40)
+    a = split_experts(checkpoint("llama"), tmp_path / "a", **kw)
+    b = split_experts(checkpoint("llama"), tmp_path / "b", device="cuda", **kw)
+    assert [m["rel_err"] for m in a["measured"]] == pytest.approx([m["rel_err"] for m in b["measured"]], rel=1e-3)
