@@ -16,7 +16,7 @@ if [[ $what == dispatch || $what == all ]]; then
   timeout ${DISPATCH_S:-200} python3 benchmarks/moe_dispatch.py --device cuda --json "$out/moe_dispatch_cuda.json" --markdown 2>&1 | tee "$out/moe_dispatch_cuda.log"
 fi
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TESTS_S:-170} python3 -m pytest -q -p no:cacheprovider -rs tests/test_triton_moe.py tests/test_backends.py tests/test_bench.py tests/test_verify.py -k "cuda or triton" 2>&1 | tee "$out/tests.log" | tail -15
+  timeout ${TESTS_S:-170} python3 -m pytest -q -p no:cacheprovider -rs tests -k "cuda or triton" 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if [[ $what == bench || $what == all ]]; then
   timeout ${BENCH_S:-60} python3 -m moesurgery bench --synthetic mixtral-8x7b --granularity 8 --shared 0 --layers 2 --device cuda --tokens 1,16,256,4096 --batch 1,16 --json > "$out/bench_cuda.json" 2> "$out/bench_cuda.err"
