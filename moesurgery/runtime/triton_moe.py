@@ -11,6 +11,10 @@ Each program computes a [BLOCK_M, BLOCK_N] tile for one expert: the weights it r
 once per BLOCK_M rows of that expert, so a decode step reads each touched expert's bytes once, the
 bandwidth floor. gate and up tiles share the x tile and SwiGLU runs in registers (no [T*k, 2I]
 intermediate). Tile sizes come from `tiles` (a heuristic; no autotuning).
+
+Also here: `swiglu_scale` and `gather_sum`, one-pass elementwise kernels that the grouped-GEMM path
+(`moe.experts_sorted` on CUDA) uses around torch's `_grouped_mm` instead of four passes for
+SwiGLU x routing weight and a scatter + sum for the combine.
 """
 
 from __future__ import annotations
