@@ -62,6 +62,7 @@ def inspect_model(spec) -> dict:
         "bytes": reader.total_bytes,
         "fp8_block_size": list(reader.fp8_block) if reader.fp8_block else None,
         "fp8_weights": len(reader.scales),
+        "stored_bytes": reader.stored_bytes,
         "shards": len(reader.files),
         "num_layers": model.arch.num_layers,
         "hidden_size": model.arch.hidden_size,

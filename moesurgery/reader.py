@@ -243,7 +243,14 @@ class CheckpointReader:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of the tensors as read (block-scaled FP8 weights count as the bf16 they decode to)."""
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data on disk (FP8 weights and their scales as stored)."""
+        fp8 = sum(self.fp8_data[k].nbytes + self.scales[k].nbytes - self.tensors[k].nbytes for k in self.scales)
+        return self.total_bytes + fp8
 
     def dtypes(self) -> dict[str, int]:
         """bytes per dtype name"""

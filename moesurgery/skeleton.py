@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .canonical import Layer, Model, MoE, SwiGLU
-from .lazy import Lazy
+from . import fp8
+from .lazy import Fp8, Lazy
 from .layouts import layout_for_config
 from .reader import SINGLE_NAME
 from .writer import _header_bytes, provenance
@@ -32,12 +33,19 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
     if arch.attention != "gqa":
         raise ValueError("skeletons are built for GQA attention only")
     H, d = arch.hidden_size, arch.head_dim
+    block = fp8.block_size(config)  # block-scaled FP8 (config's quantization_config): linear weights carry an FP8 form
 
     def t(*shape):
         return _placeholder(shape, dtype)
 
+    def w(*shape):  # a linear weight
+        if block is None:
+            return t(*shape)
+        return Lazy(shape, dtype, _placeholder(shape, dtype).load,
+                    fp8=Fp8(_placeholder(shape, torch.float8_e4m3fn), _placeholder(fp8.scale_shape(shape, block), torch.float32), block))
+
     def swiglu(width):
-        return SwiGLU(t(width, H), t(width, H), t(H, width))
+        return SwiGLU(w(width, H), w(width, H), w(H, width))
 
     spec = layout.read_moe_spec(config) if layout.moe else None
     layers = []
@@ -45,10 +53,10 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
         attn = {
             "input_layernorm.weight": t(H),
             "post_attention_layernorm.weight": t(H),
-            "self_attn.q_proj.weight": t(arch.num_heads * d, H),
-            "self_attn.k_proj.weight": t(arch.num_kv_heads * d, H),
-            "self_attn.v_proj.weight": t(arch.num_kv_heads * d, H),
-            "self_attn.o_proj.weight": t(H, arch.num_heads * d),
+            "self_attn.q_proj.weight": w(arch.num_heads * d, H),
+            "self_attn.k_proj.weight": w(arch.num_kv_heads * d, H),
+            "self_attn.v_proj.weight": w(arch.num_kv_heads * d, H),
+            "self_attn.o_proj.weight": w(H, arch.num_heads * d),
         }
         if arch.qkv_bias:
             attn.update({"self_attn.q_proj.bias": t(arch.num_heads * d), "self_attn.k_proj.bias": t(arch.num_kv_heads * d), "self_attn.v_proj.bias": t(arch.num_kv_heads * d)})
@@ -74,6 +82,8 @@ def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bf
     path.mkdir(parents=True, exist_ok=True)
     model = skeleton(config, dtype)
     tensors = layout_for_config(config).tensors(model)
+    if fp8.block_size(config) is not None:  # stored as the FP8 checkpoint: float8 weights + weight_scale_inv
+        tensors, _ = fp8.requantized(tensors)
     header = _header_bytes(tensors, provenance("skeleton", "config"))
     with open(path / SINGLE_NAME, "wb") as f:
         f.write(header)

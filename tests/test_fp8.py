@@ -139,6 +139,8 @@ def test_inspect_says_fp8(fp8_pair, capsys):
     code = main(["inspect", str(fp8_pair[0]), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fp8_block_size"] == list(BLOCK)
+    on_disk = sum(t.numel() * t.element_size() for t in tensors_of(fp8_pair[0]).values())
+    assert report["stored_bytes"] == on_disk < report["bytes"]
 
 
 def test_fp8_without_scale_is_refused(fp8_pair, tmp_path):

@@ -34,12 +34,15 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     if recipe["command"] == "upcycle":
         assert report["expected"] == "exact"
     assert report["moe_layers"] == recipe["model_config"]["num_hidden_layers"] - recipe["options"].get("first_k_dense", 0)
+    if "quantization_config" in recipe["model_config"]:  # an FP8 source whose surgery stays on the block grid
+        assert any("written as block-scaled FP8" in n for n in report["notes"]), report["notes"]
     options = recipe["options"]
     if "experts" in options:
         assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]
     else:  # finer experts: E*m experts, k*m top-k
         m = options["granularity"]
-        assert report["experts"] == recipe["model_config"]["num_local_experts"] * m
+        cfg = recipe["model_config"]
+        assert report["experts"] == cfg.get("num_local_experts", cfg.get("num_experts")) * m
         assert report["top_k"] == recipe["model_config"]["num_experts_per_tok"] * m
 
 
