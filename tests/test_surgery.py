@@ -287,3 +287,15 @@ def test_calibration_on_cuda_matches_cpu(checkpoint, tmp_path):
     a = split_experts(checkpoint("llama"), tmp_path / "a", **kw)
     b = split_experts(checkpoint("llama"), tmp_path / "b", device="cuda", **kw)
     assert [m["rel_err"] for m in a["measured"]] == pytest.approx([m["rel_err"] for m in b["measured"]], rel=1e-3)
+
+
+def test_non_sequential_split_takes_any_iterator_of_inputs(monkeypatch, checkpoint, tmp_path):
+    """Regression: the plain path advanced the calibration stream with send(None), which only
+    generators have; callers (benchmarks/quality.py) hand in cached lists' iterators."""
+    from moesurgery import calibration
+
+    real = calibration.ffn_inputs
+    monkeypatch.setattr(calibration, "ffn_inputs", lambda *a, **kw: iter(list(real(*a, **kw))))
+    report = split_experts(checkpoint("llama"), tmp_path / "out", experts=6, top_k=3, shared=2, method="coactivation", router="fitted",
+                           calibration_text="The quick brown fox jumps over the lazy dog. " * 40)
+    assert report["verdict"] == "lossy" and len(report["measured"]) == 2
