@@ -61,3 +61,9 @@ def test_recipe_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("command = 'upcycle'\n[options]\nbogus = 1\n")
     assert main(["upcycle", "tiny:llama", str(tmp_path / "o"), "--recipe", str(bad), "--dry-run"]) == 2
+
+
+def test_readme_lists_every_recipe():
+    readme = (RECIPE_DIR.parent / "README.md").read_text()
+    missing = [p.stem for p in RECIPE_DIR.glob("*.toml") if f"`{p.stem}`" not in readme]
+    assert missing == [], f"README's recipe table lacks {missing}"
