@@ -74,11 +74,11 @@ class CachedFFNInputs:
         self.cache: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self.computed_s = 0.0
 
-    def __call__(self, model, ids, dtype=torch.float32):
+    def __call__(self, model, ids, dtype=torch.float32, device="cpu"):
         key = (str(model.arch), tuple(ids.shape), hash(tuple(ids.flatten().tolist())), dtype)
         if key not in self.cache:
             t = time.perf_counter()
-            self.cache[key] = list(self.original(model, ids, dtype))
+            self.cache[key] = list(self.original(model, ids, dtype, device))
             self.computed_s += time.perf_counter() - t
         return iter(self.cache[key])
 
