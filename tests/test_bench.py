@@ -163,3 +163,11 @@ def test_bench_cuda_smoke(capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["dtype"] == "bfloat16" and r["check"][0]["verdict"] == "exact"
+
+
+def test_bf16_rounding_between_backends_is_not_a_warning(capsys):
+    """Regression: the backend-vs-loop warning used fp32's threshold for every dtype, so bf16 runs
+    warned about ordinary rounding (4.7e-3)."""
+    code, out, err = run(capsys, "bench", "--synthetic", "mixtral-8x7b", "--scale", "16", "--granularity", "8", "--tokens", "1",
+                         "--batch", "1", "--dtype", "bfloat16", "--quick")
+    assert code == 0 and "differs from the loop" not in out + err
