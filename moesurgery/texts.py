@@ -5,8 +5,12 @@ from __future__ import annotations
 
 
 def _topics() -> dict[str, str]:
-    from pydoc_data.topics import topics
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some minimal Python builds leave the documentation out
+        from .errors import BadInputError
 
+        raise BadInputError("the built-in `pydoc` text needs Python's pydoc_data module, which this Python lacks: pass a text file") from None
     return topics
 
 

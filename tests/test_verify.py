@@ -517,3 +517,12 @@ def test_text_pydoc_is_the_builtin_heldout_text(capsys, exact_pair):
     assert code == 0 and err == []
     report = json.loads(out)
     assert report["inputs"]["kind"].startswith("text") and math.isfinite(report["perplexity"]["reference"])
+
+
+def test_text_pydoc_without_pydoc_data_is_one_line(monkeypatch, capsys, exact_pair):
+    import sys as _sys
+
+    monkeypatch.setitem(_sys.modules, "pydoc_data.topics", None)  # import fails
+    code, _, err = cli(capsys, *exact_pair, "--text", "pydoc")
+    assert code == 3
+    assert_one_error(err, "pydoc_data")
