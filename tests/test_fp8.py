@@ -43,7 +43,10 @@ def quantize(w: torch.Tensor, block=BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture
 def fp8_pair(checkpoint, tmp_path) -> tuple[Path, Path]:
     """(fp8 checkpoint, the bf16 checkpoint it encodes) from a tiny DeepSeek-V3."""
-    src = checkpoint("deepseek_v3")
+    return make_fp8_pair(checkpoint("deepseek_v3"), tmp_path)
+
+
+def make_fp8_pair(src: Path, tmp_path: Path) -> tuple[Path, Path]:
     fp8_dir, ref_dir = tmp_path / "fp8", tmp_path / "ref"
     shutil.copytree(src, fp8_dir)
     shutil.copytree(src, ref_dir)
@@ -111,6 +114,30 @@ def test_convert_keeps_fp8(fp8_pair, tmp_path):
     assert cfg["quantization_config"]["weight_block_size"] == list(BLOCK)
     ref = tensors_of(ref_dir)
     assert all(torch.equal(t, ref[k]) for k, t in dequantized(tmp_path / "out").items())
+    # transformers itself (its FP8 path, dequantizing on CPU) computes the same logits for both
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fp8_logits(tmp_path / "out", ids), fp8_logits(fp8_dir, ids), rtol=0, atol=0)
+
+
+def fp8_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' logits of an FP8 checkpoint (bf16 compute: its FP8 layers dequantize to bf16 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_exact_finer_split_of_an_fp8_model_in_transformers(checkpoint, tmp_path):
+    """DeepSeek-V3 routing without group limits: finer experts are exact; the FP8 output and the FP8
+    source agree in transformers to bf16 rounding."""
+    fp8_dir, _ = make_fp8_pair(checkpoint("deepseek_v3", n_group=1, topk_group=1), tmp_path)
+    report = split_experts(fp8_dir, tmp_path / "out", granularity=2)
+    assert report["expected"] == "exact" and any("written as block-scaled FP8" in n for n in report["notes"])
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    got, want = fp8_logits(tmp_path / "out", ids), fp8_logits(fp8_dir, ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_finer_experts_on_the_block_grid_stay_fp8(fp8_pair, tmp_path):
