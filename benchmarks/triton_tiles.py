@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moesurgery.bench import cuda_graph_replay  # noqa: E402
 from moesurgery.runtime.moe import BACKENDS, grouped_mm_available  # noqa: E402
 
 DECODE = ["32,256,4,4", "64,128,4,4", "64,256,4,3", "128,128,4,3", "32,128,4,6", "64,64,4,6"]
@@ -24,21 +25,16 @@ PREFILL = ["128,64,8,3", "128,64,4,4", "256,64,8,3", "128,128,8,2", "64,128,4,3"
 
 
 def graph_time(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    """Median seconds of one replay of fn captured in a CUDA graph (device events over `reps` replays)."""
+    replay = cuda_graph_replay(fn)
+    if replay is None:
+        raise RuntimeError("the call does not capture in a CUDA graph")
     times = []
     for _ in range(7):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(reps):
-            g.replay()
+            replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / reps)

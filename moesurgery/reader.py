@@ -234,12 +234,12 @@ class CheckpointReader:
         """The raw float8 data and scale_inv of a dequantized weight (so it can be written back as FP8)."""
         if key not in self.scales:
             return None
-        info, scale = self.fp8_data[key], self.scales[key]
-        data = Lazy(info.shape, info.dtype, lambda: self._read(key, info.file),
-                    lambda r: self._read(key, info.file, tuple(slice(a, b) for a, b in r)), origin=key)
-        scale_inv = Lazy(scale.shape, scale.dtype, lambda: self._read(scale.key, scale.file),
-                         lambda r: self._read(scale.key, scale.file, tuple(slice(a, b) for a, b in r)), origin=scale.key)
-        return Fp8(data, scale_inv, self.fp8_block)
+        return Fp8(self._stored(self.fp8_data[key]), self._stored(self.scales[key]), self.fp8_block)
+
+    def _stored(self, info: TensorInfo) -> Lazy:
+        """A tensor exactly as stored (no dequantization), sliced with get_slice."""
+        return Lazy(info.shape, info.dtype, lambda: self._read(info.key, info.file),
+                    lambda r: self._read(info.key, info.file, tuple(slice(a, b) for a, b in r)), origin=info.key)
 
     @property
     def total_bytes(self) -> int:

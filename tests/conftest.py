@@ -41,6 +41,15 @@ def checkpoint(tmp_path_factory) -> Callable[..., Path]:
     return build
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: intra-op threads only add stalls (and on a busy 2-core CI box, seconds)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def input_ids() -> torch.Tensor:
     """Seeded token ids, shape [2, 12], over the tiny vocabulary."""

@@ -28,13 +28,7 @@ CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add stalls (and on a busy 2-core CI box, seconds)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backends_here(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

@@ -20,13 +20,7 @@ from moesurgery.synthetic import SHAPES, layout_candidate, scaled_shape, synthet
 ROW = {"seconds", "tokens_per_s", "gbps", "tflops", "roofline_seconds", "roofline_fraction"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add stalls (and on a busy 2-core CI box, seconds)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -34,6 +34,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x [..., K], weight [N, K], bias [N]) -> [..., N]."""
     if not applies(x, weight):
         return F.linear(x, weight, bias)
+    return row_blocks(x, weight, bias)
+
+
+def row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) as a bmm over BLOCKS row blocks of weight; the caller checked `applies`."""
     N, K = weight.shape
     rows = x.numel() // K
     xt = x.reshape(rows, K).T.expand(BLOCKS, K, rows)  # [P, K, R] (a view)

@@ -143,7 +143,7 @@ WEIGHT_MAJOR_ROWS = 8  # CPU: segments of at most this many rows run as W @ x.T 
 def _few_rows(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """a [n, K] @ weight [M, K].T for a few rows on CPU: MKL runs x @ W.T with a few rows slower than
     the tall-skinny W @ x.T, and either on one thread; cpu_gemv spreads W's row blocks over threads."""
-    return linear(a, weight) if cpu_gemv.applies(a, weight) else torch.mm(weight, a.T).T
+    return cpu_gemv.row_blocks(a, weight) if cpu_gemv.applies(a, weight) else torch.mm(weight, a.T).T
 
 
 def _segment_mm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, weight_major: bool) -> None:
@@ -193,7 +193,6 @@ def experts_sorted(
     if grouped is None:
         grouped = x.device.type == "cuda" and grouped_mm_available(x.device, x.dtype) and _aligned(x, gate_up, down)
     cpu = x.device.type == "cpu"
-    buf = x.new_empty(N, H)  # [T*k, H] in (token, slot) order
     if grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E]
         xs = x.index_select(0, token)  # [N, H]
@@ -204,8 +203,9 @@ def experts_sorted(
             h = triton_moe.swiglu_scale(gu, ws.view(-1))  # [N, I]
             return triton_moe.gather_sum(_GROUPED_MM(h, down.transpose(-2, -1), offs=offs), order, T, k)
         h = F.silu(gu[:, :I]) * gu[:, I:] * ws  # [N, I]
-        buf.index_copy_(0, order, _GROUPED_MM(h, down.transpose(-2, -1), offs=offs))
+        buf = x.new_empty(N, H).index_copy_(0, order, _GROUPED_MM(h, down.transpose(-2, -1), offs=offs))  # [T*k, H] (token, slot) order
     elif cpu and N * (2 * I + H) * x.element_size() > CHAIN_BYTES:
+        buf = x.new_empty(N, H)  # [T*k, H] in (token, slot) order
         for e, a, n in _segments(counts):
             small = n <= WEIGHT_MAJOR_ROWS
             xe = x.index_select(0, token[a : a + n])  # [n, H]
@@ -223,7 +223,7 @@ def experts_sorted(
         ys = x.new_empty(N, H)
         for e, a, n in segments:
             _segment_mm(h[a : a + n], down[e], ys[a : a + n], cpu and n <= WEIGHT_MAJOR_ROWS)
-        buf.index_copy_(0, order, ys)
+        buf = torch.empty_like(ys).index_copy_(0, order, ys)
     return buf.view(T, k, H).sum(dim=1)  # [T, H]
 
 
