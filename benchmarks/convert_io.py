@@ -65,7 +65,7 @@ def mixtral_dims(size_bytes: int, layers: int, vocab: int) -> dict:
     def total(h: int) -> tuple[int, dict]:
         inter = max(128, round(3.5 * h / 128) * 128)
         heads = max(1, h // HEAD_DIM)
-        kv = max(1, min(8, heads))
+        kv = max(d for d in range(1, min(8, heads) + 1) if heads % d == 0)  # GQA: kv heads divide the heads
         q, kvd = heads * HEAD_DIM, kv * HEAD_DIM
         per_layer = 2 * (q * h + 2 * kvd * h + h * q + 2 * h + 8 * h + 8 * 3 * inter * h)
         n = 2 * (2 * vocab * h + h) + layers * per_layer

@@ -362,6 +362,10 @@ def run_bench(
         raise UsageError("give a SOURCE checkpoint or --synthetic NAME")
     if synthetic is not None and (source is not None or candidates):
         raise UsageError("--synthetic builds its own source: give no SOURCE/CANDIDATE checkpoints with it (use --granularity/--shared for a candidate)")
+    if granularity is not None and granularity < 1:
+        raise UsageError(f"--granularity must be >= 1, not {granularity}")
+    if shared < 0:
+        raise UsageError(f"--shared must be >= 0, not {shared}")
     if shared and not granularity:
         raise UsageError("--shared S needs --granularity M (S of the M finer slices of each expert become shared experts)")
 

@@ -167,3 +167,36 @@ def model_params(model: Model) -> tuple[int, int]:
         total += attn + t
         active += attn + a
     return total, active
+
+
+def ffn_tensors(prefix: str, ffn: FFN):
+    """(name, Lazy) of an FFN's tensors: the source key where the tensor is one, else a path under `prefix`."""
+    def named(path: str, t: Lazy):
+        return (t.origin or path), t
+
+    if isinstance(ffn, SwiGLU):
+        return [named(f"{prefix}{p}", getattr(ffn, p)) for p in ("gate", "up", "down")]
+    out = [named(f"{prefix}router", ffn.router.weight)]
+    if ffn.router.bias is not None:
+        out.append(named(f"{prefix}router.bias", ffn.router.bias))
+    for j, e in enumerate(ffn.experts):
+        out += ffn_tensors(f"{prefix}experts.{j}.", e)
+    if ffn.shared is not None:
+        out += ffn_tensors(f"{prefix}shared.", ffn.shared)
+    if ffn.shared_gate is not None:
+        out.append(named(f"{prefix}shared_gate", ffn.shared_gate))
+    return out
+
+
+def model_tensors(model: Model):
+    """(name, Lazy) of every tensor of the model, in checkpoint order."""
+    yield "model.embed_tokens.weight", model.embed
+    for layer in model.layers:
+        prefix = f"model.layers.{layer.index}."
+        for k, v in layer.attn.items():
+            yield prefix + k, v
+        yield from ffn_tensors(prefix + "ffn.", layer.ffn)
+    yield "model.norm.weight", model.norm
+    if model.lm_head is not None:
+        yield "lm_head.weight", model.lm_head
+    yield from model.extras.items()

@@ -1,7 +1,10 @@
 """The `moesurgery` command line: a thin typer layer over the library.
 
 Exit codes: 0 success, 1 unexpected failure, 2 usage error, 3 bad or unsupported input,
-4 a verification expectation not met. Errors are one `error: ...` line on stderr.
+4 a verification expectation not met, 5 environment (permissions, read-only, disk full),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one `error: ...` line on stderr
+(and, with --json, a JSON document `{"error", "exit_code"}` on stdout). Nothing here imports torch
+at start-up: `--help` and usage errors answer at once; commands import the library when they run.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_UNEXPECTED, EXIT_USAGE, BadInputError, MoeSurgeryError, UsageError, VerificationError
-from .writer import parse_size
+from .errors import (EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, BadInputError, Interrupted, MoeSurgeryError, UsageError,
+                     VerificationError, environment_error)
+from .units import human_bytes, human_count, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -45,27 +49,13 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout 
 
 
 def emit_json(report: dict) -> None:
+    state["json_emitted"] = True
     sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def command_line() -> str:
     argv = state["argv"] if state["argv"] is not None else sys.argv[1:]
     return "moesurgery " + " ".join(shlex.quote(a) for a in argv)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 def version_callback(value: bool):
@@ -119,6 +109,8 @@ def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
             shared = str(row["shared_width"] or "") + (" gated" if row["shared_gate"] else "")
             table.add_row(span, "moe", str(row["num_experts"]), str(row["top_k"]), str(row["expert_width"]), shared, router)
     stdout.print(table)
+    for note in report["notes"]:
+        stdout.print(f"note: {note}")
 
 
 def _group_layers(layers: list[dict]):
@@ -208,8 +200,8 @@ def split_experts(
     experts: Optional[int] = typer.Option(None, "--experts", "-n", help="Dense source: routed experts."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Dense source: routed experts per token."),
     shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Dense source: always-on experts (same width as routed ones)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Neuron partition: contiguous, random, kmeans, coactivation."),
-    router: Optional[str] = typer.Option(None, "--router", help="Router: centroid, fitted (needs --calibration), random."),
+    method: Optional[str] = typer.Option(None, "--method", help="Neuron partition: contiguous, random, kmeans, coactivation (default: coactivation with --calibration, else kmeans: the best measured)."),
+    router: Optional[str] = typer.Option(None, "--router", help="Router: centroid, fitted (needs --calibration), random (default: fitted with --calibration, else centroid)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text."),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
@@ -223,14 +215,18 @@ def split_experts(
     from .operations import split_experts as run
     from .recipes import load_recipe, merge
 
-    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, method="kmeans", router="centroid", calibration=None,
+    from .recipes import load_model_config
+
+    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, method=None, router=None, calibration=None,
                     calibration_tokens=4096, first_k_dense=0, sequential=False, to=None, seed=0)
+    types = dict(granularity=int, experts=int, top_k=int, method=str, router=str, calibration=str, to=str)
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration,
                  calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, sequential=sequential, to=to, seed=seed)
-    o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults)
+    o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults, types)
     text = _calibration(o.pop("calibration"))
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
-                 max_shard_size=parse_size(max_shard_size), command=command_line(), device=device, **o)
+                 max_shard_size=parse_size(max_shard_size), command=command_line(), device=device,
+                 recipe_model=load_model_config(recipe) if recipe else None, **o)
     emit_json(report) if json_out else print_surgery(report)
 
 
@@ -256,11 +252,13 @@ def upcycle(
     defaults = dict(granularity=None, experts=None, top_k=None, shared=0, first_k_dense=0, router_noise=0.0, reinit_fraction=0.0, to="deepseek", seed=0)
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, first_k_dense=first_k_dense, router_noise=router_noise,
                  reinit_fraction=reinit_fraction, to=to, seed=seed)
-    o = merge(load_recipe(recipe, "upcycle") if recipe else {}, flags, defaults)
+    from .recipes import load_model_config
+
+    o = merge(load_recipe(recipe, "upcycle") if recipe else {}, flags, defaults, dict(granularity=int, experts=int, top_k=int))
     if o["granularity"] is None:
         raise UsageError("upcycle needs --granularity (or a --recipe that sets it)")
     report = run(source, output, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-                 command=command_line(), **o)
+                 command=command_line(), recipe_model=load_model_config(recipe) if recipe else None, **o)
     emit_json(report) if json_out else print_surgery(report)
 
 
@@ -287,6 +285,8 @@ def print_surgery(r: dict) -> None:
         c = r["check"]
         style = "green" if c["verdict"] == "exact" else "yellow"
         stdout.print(f"check ({c['inputs']}, layers {[l['index'] for l in c['layers']]}): [{style}]{c['verdict']}[/{style}], max rel err {c['rel_err']:.2e}")
+        if c.get("nonfinite"):
+            stdout.print(f"  [yellow]NaN/Inf[/yellow] in {', '.join(c['nonfinite'])}")
 
 
 def _eval_text(value: str | None) -> str | None:
@@ -309,8 +309,8 @@ def verify(
     candidate: str = typer.Argument(..., help="The checkpoint that should compute the same function."),
     text: Optional[str] = typer.Option(None, "--text", help="A UTF-8 text file, or `pydoc` for built-in English text (held out from `--calibration pydoc`): tokenized with the reference's tokenizer; adds perplexity."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Explicit token ids (comma separated) or a file of them."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sequence."),
-    batch: int = typer.Option(2, "--batch", help="Sequences."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 64; with --text: windows of min(2048, the model's positions))."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences (default 2; with --text: as many windows as cover the text, up to 8192 tokens)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (default, tolerance 1e-5 relative) or bfloat16."),
@@ -322,6 +322,8 @@ def verify(
 
     if expect not in (None, "exact", "lossy"):
         raise UsageError(f"--expect must be exact or lossy, not {expect!r}")
+    if text is not None and tokens is not None:
+        raise UsageError("give --text or --tokens, not both")
     report = run_verify(
         reference, candidate, text=_eval_text(text),
         tokens=read_tokens(tokens) if tokens is not None else None, batch=batch, seq_len=seq_len, seed=seed,
@@ -338,7 +340,8 @@ def verify(
 def print_verification(r: dict) -> None:
     style = "green" if r["verdict"] == "exact" else "yellow"
     stdout.print(f"{r['reference']} ({r['reference_layout']}) vs {r['candidate']} ({r['candidate_layout']}): [{style}]{r['verdict']}[/{style}]")
-    stdout.print(f"inputs: {r['inputs']['kind']}, {r['inputs']['batch']} x {r['inputs']['seq_len']} tokens, {r['dtype']} on {r['device']}, tolerance {r['tolerance']:g}")
+    i = r["inputs"]
+    stdout.print(f"inputs: {i['kind']}, {i['batch']} x {i['seq_len']} tokens ({i['tokens_scored']} scored), {r['dtype']} on {r['device']}, tolerance {r['tolerance']:g}")
     u = r["untouched"]
     stdout.print(f"untouched tensors: {u['identical']} identical" + (f", [yellow]{len(u['changed'])} changed[/yellow] (e.g. {u['changed'][0]})" if u["changed"] else ""))
     table = Table(title="FFN / MoE blocks on the reference's hidden states")
@@ -354,7 +357,10 @@ def print_verification(r: dict) -> None:
     stdout.print(f"logits: max abs err {g['max_abs_err']:.2e}, rel err {g['rel_err']:.2e}, top-1 agreement {g['top1_agreement']:.4f}, KL {g['kl']:.2e}")
     if "perplexity" in r:
         p = r["perplexity"]
-        stdout.print(f"perplexity: reference {p['reference']:.3f}, candidate {p['candidate']:.3f} (x{p['candidate'] / p['reference']:.3f})")
+        stdout.print(f"perplexity: reference {p['reference']:.3f}, candidate {p['candidate']:.3f} (x{p['candidate'] / p['reference']:.3f}) "
+                     f"over {i['tokens_scored']} tokens")
+    for note in r.get("notes", []):
+        stdout.print(f"note: {note}")
 
 
 @app.command()
@@ -474,36 +480,83 @@ def print_bench(r: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ entry
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM raise Interrupted (a BaseException: cleanup runs, nothing swallows it).
+    Returns the previous handlers; a no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, _raise_interrupted)
+    return old
+
+
+def _restore(handlers: dict) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _fail(code: int, message: str, json_mode: bool) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if json_mode and not state.get("json_emitted"):  # one JSON document on stdout: the report, else the error
+        try:
+            emit_json({"error": message, "exit_code": code})
+        except (OSError, ValueError):
+            pass
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure becomes one `error:` line and a documented exit code."""
     state["argv"] = list(argv) if argv is not None else None
+    args = list(argv) if argv is not None else sys.argv[1:]
+    json_mode = "--json" in args
+    state["json_emitted"] = False
+    handlers = install_signal_handlers()
     try:
-        app(args=argv, standalone_mode=False, prog_name="moesurgery")
+        rv = app(args=argv, standalone_mode=False, prog_name="moesurgery")
+        if isinstance(rv, int) and rv == EXIT_INTERRUPTED:  # typer turns a bare KeyboardInterrupt into Exit(130)
+            return _fail(EXIT_INTERRUPTED, "interrupted", json_mode)
         return 0
+    except Interrupted as e:
+        return _fail(e.exit_code, e.message, json_mode)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted", json_mode)
     except _EXIT as e:
         return e.exit_code
     except _ABORT:
-        print("error: aborted", file=sys.stderr)
-        return EXIT_UNEXPECTED
+        return _fail(EXIT_INTERRUPTED, "interrupted", json_mode)
     except _CLICK_ERROR as e:
         if not e.format_message():  # no arguments: the help was printed
             return EXIT_USAGE
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, _USAGE) else e.exit_code
+        return _fail(EXIT_USAGE if isinstance(e, _USAGE) else e.exit_code, e.format_message(), json_mode)
     except MoeSurgeryError as e:
         if state["debug"]:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _fail(e.exit_code, str(e), json_mode)
+    except OSError as e:  # the machine's refusal (permissions, read-only, no space) outside a staged output
+        if state["debug"]:
+            traceback.print_exc()
+        err = environment_error(e, e.filename or "a file")
+        return _fail(err.exit_code, str(err).replace("cannot write", "cannot use") if e.filename is None else str(err), json_mode)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if state["debug"]:
             traceback.print_exc()
-        print(f"error: unexpected {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_UNEXPECTED
+        return _fail(EXIT_UNEXPECTED, f"unexpected {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", json_mode)
+    finally:
+        _restore(handlers)
 
 
 def entry() -> None:
-    sys.exit(main())
+    from .entry import entry as run
+
+    run()

@@ -40,7 +40,7 @@ def convert(
         "exact": result.exact,
         "verdict": "exact" if result.exact else "lossy",
         "lossy_reasons": result.lossy,
-        "notes": result.notes + notes,
+        "notes": opened.notes + result.notes + notes,
         "tensors": len(tensors),
         "tensors_untouched": sum(t.tensor.origin is not None for t in tensors),
         "bytes": sum(s.nbytes for s in shards),

@@ -74,4 +74,5 @@ def inspect_model(spec) -> dict:
         "num_moe_layers": sum(isinstance(l.ffn, MoE) for l in model.layers),
         "layers": [layer_report(l) for l in model.layers],
         "extra_tensors": sorted(model.extras),
+        "notes": opened.notes,
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import fp8
@@ -22,6 +22,7 @@ class Opened:
     config: dict
     layout: Layout
     model: Model
+    notes: list[str] = field(default_factory=list)  # how the source was read (stale configs, dequantization)
 
 
 def read_config(directory: Path) -> dict:
@@ -49,6 +50,12 @@ def resolve(spec: str | Path) -> ResolvedSource:
 def open_model(spec: str | Path) -> Opened:
     source = resolve(spec)
     cfg = read_config(source.path)
+    notes = []
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "gguf":  # transformers' save after dequantizing a GGUF
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        notes.append("config.json carries a quantization_config of kind gguf, left by dequantizing a GGUF: "
+                     "the weights are plain floats and are read as the unquantized model (the output config drops it)")
     block = fp8.block_size(cfg)
     quantization = cfg.get("quantization_config")
     if block is not None:  # block-scaled FP8: read dequantized, as the bf16 model it encodes
@@ -64,7 +71,11 @@ def open_model(spec: str | Path) -> Opened:
             model = replace(model, quantization=quantization)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(f"config.json: cannot read a {layout.name} config ({e.__class__.__name__}: {e})") from e
-    return Opened(source, reader, cfg, layout, model)
+    if notes:
+        non_float = next((k for k in reader.keys() if not reader.info(k).dtype.is_floating_point), None)
+        if non_float is not None:
+            raise BadInputError(f"config.json says gguf, and tensor {non_float} is {reader.info(non_float).dtype}: quantized GGUF tensors are not supported")
+    return Opened(source, reader, cfg, layout, model, notes)
 
 
 def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
@@ -97,6 +108,7 @@ def save_model(
     command: str,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    finish=None,
 ) -> list[Shard]:
     config, tensors, _ = output_tensors(model, layout)
     return write_checkpoint(
@@ -108,4 +120,5 @@ def save_model(
         command=command,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        finish=finish,
     )

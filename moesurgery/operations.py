@@ -95,43 +95,70 @@ def _finish(
         "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in shards],
         "expected": "exact" if expect_exact and not surgery_lossy and result.exact else "lossy",
         "lossy_reasons": surgery_lossy + result.lossy,
-        "notes": result.notes + output_notes,
+        "notes": opened.notes + result.notes + output_notes,
     }
     if measured:
         report["measured"] = measured
     if dry_run:
         return report
-    save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size, overwrite=overwrite)
-    written = open_model(output).model
-    report["check"] = quick_check(opened.model, written, inputs=check_inputs)
-    report["verdict"] = report["check"]["verdict"]
+
+    def check(tmp: Path) -> dict:
+        """The quick check on the complete output before it is renamed into place: if it fails, nothing is left."""
+        report["check"] = quick_check(opened.model, open_model(tmp).model, inputs=check_inputs)
+        report["verdict"] = report["check"]["verdict"]
+        return {}
+
+    save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size,
+               overwrite=overwrite, finish=check)
     return report
 
 
-def _prepare(source, output, to: str, dry_run: bool, overwrite: bool, opened: Opened | None = None) -> tuple[Opened, Layout]:
+def _prepare(source, output, to: str, dry_run: bool, overwrite: bool, opened: Opened | None = None,
+             recipe_model: dict | None = None) -> tuple[Opened, Layout]:
     target = get_layout(to)
     if not target.moe:
         raise BadInputError(f"--to {to} is a dense layout: surgery makes MoE checkpoints")
     opened = opened or open_model(source)
+    check_recipe_model(recipe_model, opened)
     check_output_path(Path(output), opened.source.path, overwrite)
     return opened, target
 
 
+def check_recipe_model(recipe_model: dict | None, opened: Opened) -> None:
+    """A recipe's [model_config] (the model it was written for) must agree with the source's config."""
+    if not recipe_model:
+        return
+    cfg = opened.config
+    for key, want in recipe_model.items():  # the model's identity and dimensions (rope and other settings vary in form)
+        if not (key == "model_type" or (isinstance(want, int) and not isinstance(want, bool))):
+            continue
+        have = cfg.get(key)
+        if key in cfg and have != want:
+            raise UsageError(f"--recipe is written for a model with {key} = {want!r}; the source has {key} = {have!r} "
+                             "(pass the flags yourself, or a recipe for this model)")
+
+
 def split_experts(
     source, output, *, granularity: int | None = None, experts: int | None = None, top_k: int | None = None, shared: int = 0,
-    method: str = "kmeans", router: str = "centroid", calibration_text: str | None = None, calibration_tokens: int = 4096,
+    method: str | None = None, router: str | None = None, calibration_text: str | None = None, calibration_tokens: int = 4096,
     first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts", sequential: bool = False,
-    device: str = "cpu",
+    device: str = "cpu", recipe_model: dict | None = None,
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
     training-free split into routed (+ shared) experts (lossy, measured). `sequential`: calibrate
     each layer on the inputs the already-split layers before it produce (else the dense model's)."""
+    if calibration_tokens < 1:
+        raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
+    # defaults are the best measured settings (BENCHMARKS.md, quality): with calibration text a
+    # co-activation partition and a fitted router; weight-only, k-means and centroid routers
+    method = method or ("coactivation" if calibration_text is not None else "kmeans")
+    router = router or ("fitted" if calibration_text is not None else "centroid")
     opened = open_model(source)
     is_moe = bool(opened.model.moe_layers())
     if to is None:
         to = opened.layout.name if is_moe else "deepseek"
-    opened, target = _prepare(source, output, to, dry_run, overwrite, opened)
+    opened, target = _prepare(source, output, to, dry_run, overwrite, opened, recipe_model)
     model = opened.model
     if is_moe:
         if granularity is None or experts is not None or top_k is not None:
@@ -166,7 +193,7 @@ def split_experts(
         # plan with placeholder routing (nothing is read): shapes only
         layers = [layer if layer.index < first_k_dense else replace(layer, ffn=_plan_moefy(layer.ffn, spec)) for layer in model.layers]
         return _weight_only_hint(calibration_text, _finish(opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)],
-                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False))
+                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False), spec)
     inputs = None
     if calibration_text is not None:
         from .calibration import chunk, ffn_inputs, tokenize
@@ -197,10 +224,12 @@ def split_experts(
     return _weight_only_hint(calibration_text, _finish(
         opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
         allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False,
-        check_inputs=check_inputs or None))
+        check_inputs=check_inputs or None), spec)
 
 
-def _weight_only_hint(calibration_text: str | None, report: dict) -> dict:
+def _weight_only_hint(calibration_text: str | None, report: dict, spec: MoefySpec | None = None) -> dict:
+    if spec is not None:
+        report["method"], report["router"] = spec.method, spec.router
     if calibration_text is None:
         report["notes"].append("weight-only split (no calibration text): on SmolLM2-135M, --method coactivation --router fitted "
                                "--calibration pydoc cut the perplexity increase at 75% active from 1.75x (kmeans + centroid) to 1.22x, "
@@ -229,15 +258,19 @@ def upcycle(
     source, output, *, granularity: int, experts: int | None = None, top_k: int | None = None, shared: int = 0,
     first_k_dense: int = 0, router_noise: float = 0.0, reinit_fraction: float = 0.0, shared_match: float = 1.0,
     to: str = "deepseek", allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle",
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle", recipe_model: dict | None = None,
 ) -> dict:
     """Dense source: MoE exact at init with virtual groups (+ shared experts). MoE source (Mixtral):
     DeepSeek-style: `shared` fine-grained experts extracted from what experts share, the rest split
     into granularity - shared finer experts each (exact when the shared neurons are identical)."""
-    opened, target = _prepare(source, output, to, dry_run, overwrite)
-    model = opened.model
     if granularity is None or granularity < 1:
         raise UsageError("--granularity must be >= 1")
+    if not 0.0 <= reinit_fraction <= 1.0:
+        raise UsageError(f"--reinit-fraction must be between 0 and 1, not {reinit_fraction}")
+    if not router_noise >= 0.0:
+        raise UsageError(f"--router-noise must be >= 0 (a standard deviation), not {router_noise}")
+    opened, target = _prepare(source, output, to, dry_run, overwrite, recipe_model=recipe_model)
+    model = opened.model
     layers, lossy, measured = [], [], []
     if model.moe_layers():
         if experts is not None or top_k is not None:

@@ -54,6 +54,23 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, path.stat().st_size - 8 - n
 
 
+def _plain_name(name: str) -> bool:
+    """A file name of this directory: no directory part, not '.', '..' or hidden tricks."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices, directories (a FIFO would block the read forever); links to files are fine."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise BadInputError(f"{path.name}: cannot open ({e.strerror or e.__class__.__name__})") from None
+    if not stat.S_ISREG(mode):
+        raise BadInputError(f"{path.name}: not a regular file")
+
+
 class TensorInfo:
     __slots__ = ("key", "file", "shape", "dtype", "nbytes")
 
@@ -104,11 +121,16 @@ class CheckpointReader:
             assert isinstance(weight_map, dict)
         except Exception as e:
             raise BadInputError(f"{index_path.name}: not a valid index (needs a 'weight_map')") from e
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise BadInputError(f"{index_path.name}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
-        for name in files:
+        for name in files:  # plain names of regular files in this directory, checked before any open
+            key = next(k for k, v in weight_map.items() if v == name)
+            if not _plain_name(name):
+                raise BadInputError(f"{INDEX_NAME}: shard {name!r} (holding {key}) is not a file name inside the checkpoint")
             if not (self.directory / name).exists():
-                key = next(k for k, v in weight_map.items() if v == name)
                 raise BadInputError(f"{INDEX_NAME}: shard {name} (holding {key}) is missing")
+            _regular_file(self.directory / name)
         self._scan([self.directory / name for name in files])
         for key, name in weight_map.items():
             info = self.tensors.get(key)
@@ -122,6 +144,7 @@ class CheckpointReader:
 
     def _scan(self, files: list[Path]) -> None:
         for path in files:
+            _regular_file(path)
             header, data_size = _read_header(path)
             meta = header.pop("__metadata__", None) or {}
             if not isinstance(meta, dict):
@@ -129,10 +152,16 @@ class CheckpointReader:
             if not self.metadata:
                 self.metadata = dict(meta)
             self.files.append(path)
+            spans = []
             for key, entry in header.items():
                 if key in self.tensors:
                     raise BadInputError(f"{key} is stored twice: in {self.tensors[key].file.name} and {path.name}")
-                self.tensors[key] = self._entry(path, key, entry, data_size)
+                self.tensors[key], span = self._entry(path, key, entry, data_size)
+                spans.append((*span, key))
+            spans.sort()
+            for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+                if b1 < e0 and e1 > b1:  # empty tensors overlap nothing
+                    raise BadInputError(f"{path.name}: tensors {k0} and {k1} overlap in the file (malformed header)")
 
     def _pair_fp8(self) -> None:
         """Find each float8 weight's scale_inv; present the weight as bf16 and hide the scale."""
@@ -176,7 +205,7 @@ class CheckpointReader:
             raise BadInputError(f"{path.name}: tensor {key} has data offsets that do not match its shape and dtype")
         if end > data_size:
             raise BadInputError(f"{path.name}: tensor {key} lies beyond the end of the file (truncated?)")
-        return TensorInfo(key, path, shape, dtype, end - begin)
+        return TensorInfo(key, path, shape, dtype, end - begin), (begin, end)
 
     # ---- access --------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:

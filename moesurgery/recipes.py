@@ -48,11 +48,36 @@ def load_recipe(name_or_file: str, command: str) -> dict:
     return {k.replace("-", "_"): v for k, v in options.items()}
 
 
-def merge(recipe: dict, flags: dict, defaults: dict) -> dict:
-    """flags (not None) > recipe > defaults; unknown recipe keys are an error."""
+def load_model_config(name_or_file: str) -> dict:
+    """The recipe's [model_config]: the model it was written for (checked against the source)."""
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_file}.toml"
+    model = tomllib.loads(path.read_text()).get("model_config", {})
+    return model if isinstance(model, dict) else {}
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(name: str, value, kind: type) -> None:
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), bool: isinstance(value, bool)}[kind]
+    if not ok:
+        raise UsageError(f"--recipe: option {name} must be {_KINDS[kind]}, not {value!r}")
+
+
+def merge(recipe: dict, flags: dict, defaults: dict, types: dict | None = None) -> dict:
+    """flags (not None) > recipe > defaults; unknown recipe keys and values of the wrong type
+    (`types`, else the default's type) are errors."""
     unknown = sorted(set(recipe) - set(defaults))
     if unknown:
         raise UsageError(f"--recipe: unknown option {unknown[0]!r}")
+    for name, value in recipe.items():
+        kind = (types or {}).get(name) or (type(defaults[name]) if defaults[name] is not None else None)
+        if kind is not None:
+            _check_type(name, value, kind)
     out = dict(defaults)
     out.update({k: v for k, v in recipe.items()})
     out.update({k: v for k, v in flags.items() if v is not None})

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import UsageError
+from .errors import UsageError, environment_error
 from .lazy import Lazy
 from .progress import byte_progress
 from .reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from .units import parse_size  # noqa: F401 (re-exported)
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 
@@ -41,24 +42,6 @@ SIDE_FILES = (
     "generation_config.json",
 )
 SIDE_GLOBS = ("*.tiktoken", "tokenizer*.model")
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500*2**20, '123' -> 123."""
-    if isinstance(text, int):
-        if text <= 0:
-            raise UsageError("--max-shard-size must be positive")
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
-    if not m:
-        raise UsageError(f"--max-shard-size: cannot parse {text!r} (use e.g. 5GB, 500MB, 2GiB)")
-    value, unit, binary = m.groups()
-    base = 1024 if binary else 1000
-    power = " KMGT".index(unit.upper()) if unit else 0
-    size = int(float(value) * base**power)
-    if size <= 0:
-        raise UsageError("--max-shard-size must be positive")
-    return size
 
 
 @dataclass
@@ -166,6 +149,8 @@ def provenance(command: str, source: str) -> dict[str, str]:
 
 def check_output_path(output: Path, source: Path | None, overwrite: bool) -> None:
     output = Path(output).absolute()
+    if output.is_symlink():  # also a dangling one: refused before any work (replacing a link's target is a surprise)
+        raise UsageError(f"output {output} is a symbolic link (to {os.readlink(output)}): give the directory itself")
     if source is not None:
         src = Path(source).resolve()
         out = output.resolve()
@@ -177,17 +162,95 @@ def check_output_path(output: Path, source: Path | None, overwrite: bool) -> Non
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} exists and is not a directory")
+    clear_stale(output)
+
+
+OWNER_FILE = ".moesurgery-owner"  # inside a temporary output: "host pid" of the run building it
+
+
+def _alive(owner: Path) -> bool:
+    """True unless `owner` names a process of this host that is gone (or cannot be read)."""
+    try:
+        host, pid = owner.read_text().split()
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return True  # another machine's run on a shared file system: leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def stale_siblings(output: Path) -> tuple[list[Path], list[Path]]:
+    """(stale, live) temporary siblings of `output` left by earlier runs (killed ones leave them)."""
+    output = Path(output).absolute()
+    if not output.parent.is_dir():
+        return [], []
+    stale, live = [], []
+    for p in output.parent.glob(f".{glob_escape(output.name)}.*.moesurgery-tmp"):
+        (live if _alive(p / OWNER_FILE) else stale).append(p)
+    old = output.with_name(f".{output.name}.moesurgery-old")
+    if old.exists() or old.is_symlink():
+        stale.append(old)
+    return stale, live
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def clear_stale(output: Path) -> list[str]:
+    """Remove temporary siblings whose run is gone; refuse while another run writes `output`."""
+    stale, live = stale_siblings(output)
+    if live:
+        raise UsageError(f"another moesurgery run ({(live[0] / OWNER_FILE).read_text().strip()}) is writing {output} "
+                         f"(its temporary directory {live[0].name} is there): wait for it, or remove it if that run is gone")
+    removed = []
+    for p in stale:
+        if p.is_symlink() or not p.is_dir():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+def _mkdirs(path: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (deepest last)."""
+    made = []
+    for d in reversed([path, *path.parents]):
+        if not d.exists():
+            d.mkdir()
+            made.append(d)
+    return made
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
 def staged_output(output: Path, source: Path | None = None, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces `output`, on failure it is removed."""
+    """Yield a temporary sibling directory; on success it replaces `output`, on failure (an error,
+    Ctrl-C, SIGTERM) it is removed, with any parent directories this run created. OS errors (no
+    space, permissions, read-only) become one-line EnvironmentFaults naming `output`."""
     output = Path(output).absolute()
     check_output_path(output, source, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".moesurgery-tmp", dir=output.parent))
+    made: list[Path] = []
+    tmp = None
     try:
+        made = _mkdirs(output.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".moesurgery-tmp", dir=output.parent))
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
+        (tmp / OWNER_FILE).unlink()
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the output gets the usual permissions
         if output.exists():
             old = output.with_name(f".{output.name}.moesurgery-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -196,8 +259,16 @@ def staged_output(output: Path, source: Path | None = None, overwrite: bool = Fa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)) and e.errno is not None:
+            raise environment_error(e, str(output)) from e
         raise
 
 
@@ -212,8 +283,13 @@ def write_checkpoint(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    finish=None,
 ) -> list[Shard]:
-    """Write a whole checkpoint: weights, index, config.json, side files, provenance."""
+    """Write a whole checkpoint: weights, index, config.json, side files, provenance.
+
+    `finish(tmp)`, when given, runs on the complete temporary output before it is renamed into
+    place (the surgery's quick check) and returns more files to write {name: text} (the model
+    card); if it fails, nothing reaches `output`."""
     shards = plan_shards(tensors, max_shard_size)
     meta = provenance(command, source_name)
     with staged_output(output, source_dir, overwrite) as tmp:
@@ -224,4 +300,7 @@ def write_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / "moesurgery.json").write_text(json.dumps({**meta, "shards": len(shards)}, indent=2) + "\n")
+        if finish is not None:
+            for name, text in (finish(tmp) or {}).items():
+                (tmp / name).write_text(text)
     return shards

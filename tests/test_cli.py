@@ -83,7 +83,7 @@ def assert_error(result, code: int, output: Path | None = None, contains: tuple[
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and len(lines[0]) > len("error: "), err
     assert "Traceback" not in out + err
-    assert out == ""
+    assert out == "" or json.loads(out) == {"error": lines[0][len("error: "):], "exit_code": code}  # --json: the error as JSON
     for text in contains:
         assert text in lines[0], (text, lines[0])
     if output is not None:
@@ -148,15 +148,28 @@ def test_subprocess_smoke(tiny_cache):
 
 def test_console_script_installed():
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "moesurgery"]
-    assert ep.value == "moesurgery.cli:entry"
+    assert ep.value == "moesurgery.entry:entry"
     assert (Path(sys.executable).parent / "moesurgery").exists()
 
 
 def test_entry_exits_with_main_code(capsys, tmp_path, monkeypatch):
-    """What the console script runs: sys.exit(main()) over sys.argv."""
+    """What the console script runs: main() over sys.argv, then os._exit with its code (atexit skipped)."""
+    import signal
+
+    from moesurgery import entry
+
+    def fake_exit(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(entry.os, "_exit", fake_exit)
     monkeypatch.setattr(sys, "argv", ["moesurgery", "convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "mixtral"])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
-        cli.entry()
+        try:
+            cli.entry()
+        finally:
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGTERM, handlers[1])
     assert e.value.code == 3
     cap = capsys.readouterr()
     assert cap.out == "" and len(cap.err.strip().splitlines()) == 1 and cap.err.startswith("error: ")

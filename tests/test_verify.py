@@ -98,7 +98,7 @@ def test_same_layout_verifies_exact(checkpoint, tmp_path, family):
     convert(path, tmp_path / "out", family)
     report = verify(path, tmp_path / "out", batch=1, seq_len=16)
     assert_exact(report)
-    assert report["inputs"] == {"kind": "random tokens (seed 0)", "batch": 1, "seq_len": 16}
+    assert report["inputs"] == {"kind": "random tokens (seed 0)", "batch": 1, "seq_len": 16, "tokens_scored": 15}
     # same layout, same bytes: nothing differs at all
     assert report["logits"]["max_abs_err"] == 0 and all(l["max_abs_err"] == 0 for l in report["layers"])
 
@@ -217,14 +217,27 @@ def test_text_gives_perplexity(capsys, tmp_path, exact_pair):
     code, out, err = cli(capsys, *exact_pair, "--text", text, "--seq-len", 16, "--batch", 2, "--json")
     assert code == 0 and err == []
     report = json.loads(out)
-    assert report["inputs"]["kind"] == "text, tokenized with tokenizer.json"
-    assert (report["inputs"]["batch"], report["inputs"]["seq_len"]) == (2, 16)
+    assert report["inputs"]["kind"] == "text, tokenized with tokenizer.json (40 tokens)"
+    assert (report["inputs"]["batch"], report["inputs"]["seq_len"], report["inputs"]["tokens_scored"]) == (2, 16, 30)
     p = report["perplexity"]
     assert math.isfinite(p["reference"]) and p["reference"] > 1
     assert p["candidate"] == pytest.approx(p["reference"], rel=1e-6)
-    # human output mentions it too
+    # human output mentions it too; by default the whole text is scored (one window of its 40 tokens)
     code, out, _ = cli(capsys, *exact_pair, "--text", text)
-    assert code == 0 and "perplexity" in out
+    assert code == 0 and "perplexity" in out and "39 scored" in out and "over 39 tokens" in out
+
+
+def test_text_default_covers_the_text_in_windows(tmp_path, exact_pair, monkeypatch):
+    """Regression (#14): --text scored 2 x 64 tokens whatever the text; now windows cover it up to a cap."""
+    from moesurgery import verify as v
+
+    words = " ".join(f"w{4 + (i * 7) % (VOCAB_SIZE - 4)}" for i in range(1000))
+    monkeypatch.setattr(v, "TEXT_WINDOW", 128)
+    report = verify(*exact_pair, text=words)
+    assert (report["inputs"]["batch"], report["inputs"]["seq_len"]) == (7, 128)  # 1000 tokens: 7 whole windows
+    monkeypatch.setattr(v, "TEXT_TOKENS_CAP", 300)
+    report = verify(*exact_pair, text=words)
+    assert report["inputs"]["batch"] == 2 and report["inputs"]["tokens_scored"] == 2 * 127
 
 
 def test_text_perplexity_differs_when_lossy(tmp_path, lossy_pair):
@@ -264,7 +277,7 @@ def test_tokens(capsys, tmp_path, exact_pair):
     code, out, err = cli(capsys, *exact_pair, "--tokens", "1,2,3,4", "--json")
     assert code == 0 and err == []
     report = json.loads(out)
-    assert report["inputs"] == {"kind": "given token ids", "batch": 1, "seq_len": 4}
+    assert report["inputs"] == {"kind": "given token ids", "batch": 1, "seq_len": 4, "tokens_scored": 3}
     assert report["verdict"] == "exact"
     (tmp_path / "ids.txt").write_text("5 6\n7, 8 9\n")
     code, out, _ = cli(capsys, *exact_pair, "--tokens", tmp_path / "ids.txt", "--json")

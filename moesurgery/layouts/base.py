@@ -35,16 +35,43 @@ def need(cfg: dict, key: str, family: str):
     return cfg[key]
 
 
+def _as_int(key: str, value) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise BadInputError(f"config.json: '{key}' must be an integer, not {value!r}")
+    return int(value)
+
+
+def need_int(cfg: dict, key: str, family: str) -> int:
+    return _as_int(key, need(cfg, key, family))
+
+
+def get_int(cfg: dict, key: str, default: int | None = None) -> int:
+    """cfg[key] as an int (default when absent or null); a non-integer is a one-line error naming it."""
+    value = cfg.get(key)
+    return default if value is None else _as_int(key, value)
+
+
+def get_float(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInputError(f"config.json: '{key}' must be a number, not {value!r}")
+    return float(value)
+
+
 def read_rope(cfg: dict, default_theta: float, default_partial: float) -> tuple[float, dict | None, float]:
     """(rope_theta, rope_scaling in legacy form or None, partial_rotary_factor) from either config style."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
         params = dict(params)
-        theta = float(params.pop("rope_theta"))
-        partial = float(params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial)))
+        theta = get_float(params, "rope_theta", default_theta)
+        params.pop("rope_theta")
+        partial = get_float(params, "partial_rotary_factor", get_float(cfg, "partial_rotary_factor", default_partial))
+        params.pop("partial_rotary_factor", None)
         scaling = params if params.get("rope_type", "default") != "default" else None
         return theta, scaling, partial
-    theta = float(cfg.get("rope_theta") or default_theta)
+    theta = get_float(cfg, "rope_theta", default_theta) or default_theta
     scaling = cfg.get("rope_scaling")
     if scaling:
         scaling = dict(scaling)
@@ -52,7 +79,7 @@ def read_rope(cfg: dict, default_theta: float, default_partial: float) -> tuple[
             scaling["rope_type"] = scaling.pop("type")
         if scaling.get("rope_type", "default") == "default":
             scaling = None
-    partial = float(cfg.get("partial_rotary_factor", default_partial) or default_partial)
+    partial = get_float(cfg, "partial_rotary_factor", default_partial) or default_partial
     return theta, scaling or None, partial
 
 
@@ -105,9 +132,9 @@ class Layout:
     # ---------------------------------------------------------------- config -> canonical
     def read_arch(self, cfg: dict) -> Arch:
         f = self.name
-        hidden = int(need(cfg, "hidden_size", f))
-        heads = int(need(cfg, "num_attention_heads", f))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        hidden = need_int(cfg, "hidden_size", f)
+        heads = need_int(cfg, "num_attention_heads", f)
+        kv_heads = get_int(cfg, "num_key_value_heads", heads)
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise BadInputError(f"config.json: num_attention_heads ({heads}) is not a positive multiple of num_key_value_heads ({kv_heads})")
         theta, scaling, partial = read_rope(cfg, self.default_rope_theta, self.default_partial_rotary)
@@ -115,13 +142,13 @@ class Layout:
         extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range") if k in cfg}
         return Arch(
             hidden_size=hidden,
-            vocab_size=int(need(cfg, "vocab_size", f)),
-            num_layers=int(need(cfg, "num_hidden_layers", f)),
+            vocab_size=need_int(cfg, "vocab_size", f),
+            num_layers=need_int(cfg, "num_hidden_layers", f),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            num_kv_heads=get_int(cfg, "num_key_value_heads", heads),
+            head_dim=(get_int(cfg, "head_dim", 0) or hidden // heads),
+            rms_norm_eps=get_float(cfg, "rms_norm_eps", 1e-6),
+            max_position_embeddings=get_int(cfg, "max_position_embeddings", 4096),
             rope_theta=theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
@@ -177,6 +204,11 @@ class Layout:
             m = pattern.fullmatch(key)
             if m:
                 by_layer.setdefault(int(m.group(1)), []).append(m.group(2))
+        mtp = get_int(cfg, "num_nextn_predict_layers", 0) or 0  # DeepSeek-V3 / GLM: layers past the decoder
+        beyond = sorted(i for i in by_layer if i >= arch.num_layers + mtp)
+        if beyond:
+            raise BadInputError(f"checkpoint has tensors for layer {beyond[0]} (e.g. model.layers.{beyond[0]}.{by_layer[beyond[0]][0]}) "
+                                f"but config.json says num_hidden_layers = {arch.num_layers}" + (f" (+{mtp} multi-token-prediction)" if mtp else ""))
         for index in range(arch.num_layers):
             prefix = f"model.layers.{index}."
             rels = by_layer.get(index, [])
@@ -254,6 +286,13 @@ class Layout:
                 check_ffn(layer.ffn, width)
                 continue
             moe = layer.ffn
+            r, E = moe.router, len(moe.experts)
+            if not 1 <= r.top_k <= E:
+                raise BadInputError(f"config.json: layer {layer.index} routes each token to {r.top_k} experts (top-k) of {E}: top-k must be between 1 and {E}")
+            if r.n_group < 1 or E % r.n_group or not 1 <= r.topk_group <= r.n_group:
+                raise BadInputError(f"config.json: {E} experts cannot form {r.n_group} groups with {r.topk_group} kept (n_group / topk_group)")
+            if r.grouped and r.top_k > r.topk_group * (E // r.n_group):
+                raise BadInputError(f"config.json: top-k {r.top_k} is more than the {r.topk_group} kept groups of {E // r.n_group} experts hold")
             check(moe.router.weight, (len(moe.experts), H), "router")
             if moe.router.bias is not None:
                 check(moe.router.bias, (len(moe.experts),), "e_score_correction_bias")

@@ -7,7 +7,7 @@ The DeepSeek-family helpers here are reused by deepseek_v2, deepseek_v3 and glm4
 
 
 from ..canonical import SwiGLU
-from .base import Layout, MoESpec, need, router_settings
+from .base import Layout, MoESpec, get_int, need, need_int, router_settings
 
 AUTO_MAP = {
     "AutoConfig": "deepseek-ai/deepseek-moe-16b-base--configuration_deepseek.DeepseekConfig",
@@ -25,14 +25,14 @@ class DeepseekFamily(Layout):
     dense_layers = "prefix"
 
     def is_moe_layer(self, cfg, index):
-        freq = int(cfg.get("moe_layer_freq", 1) or 1)
-        return bool(cfg.get("n_routed_experts")) and index >= int(cfg.get("first_k_dense_replace", 0) or 0) and index % freq == 0
+        freq = (get_int(cfg, "moe_layer_freq", 1) or 1)
+        return bool(cfg.get("n_routed_experts")) and index >= get_int(cfg, "first_k_dense_replace", 0) and index % freq == 0
 
     def spec_fields(self, cfg) -> tuple[int, int, int, int]:
-        E = int(need(cfg, "n_routed_experts", self.name))
-        k = int(need(cfg, "num_experts_per_tok", self.name))
-        width = int(need(cfg, "moe_intermediate_size", self.name))
-        shared = int(cfg.get("n_shared_experts") or 0) * width
+        E = need_int(cfg, "n_routed_experts", self.name)
+        k = need_int(cfg, "num_experts_per_tok", self.name)
+        width = need_int(cfg, "moe_intermediate_size", self.name)
+        shared = get_int(cfg, "n_shared_experts", 0) * width
         return E, k, width, shared
 
     def moe_common_config(self, model) -> dict:

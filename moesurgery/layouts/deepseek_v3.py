@@ -2,7 +2,7 @@
 group-limited (group score = sum of top-2), optional renormalisation, routed_scaling_factor."""
 
 
-from .base import MoESpec, router_settings
+from .base import MoESpec, get_float, get_int, router_settings
 from .deepseek import DeepseekFamily
 from .deepseek_v2 import MLAMixin
 
@@ -18,8 +18,8 @@ class SigmoidRouterMixin:
     def read_moe_spec(self, cfg):
         E, k, width, shared = self.spec_fields(cfg)
         router = router_settings(
-            E, k, "sigmoid", bool(cfg.get("norm_topk_prob", True)), scaling=float(cfg.get("routed_scaling_factor", 1.0)),
-            n_group=int(cfg.get("n_group") or 1), topk_group=int(cfg.get("topk_group") or 1), group_score="top2_sum",
+            E, k, "sigmoid", bool(cfg.get("norm_topk_prob", True)), scaling=get_float(cfg, "routed_scaling_factor", 1.0),
+            n_group=(get_int(cfg, "n_group", 1) or 1), topk_group=(get_int(cfg, "topk_group", 1) or 1), group_score="top2_sum",
         )
         return MoESpec(E, k, width, shared, router)
 

@@ -1,6 +1,6 @@
 """Mixtral: every layer MoE, `block_sparse_moe.experts.{j}.w1/w3/w2`, softmax top-k renormalised."""
 
-from .base import Layout, MoESpec, need, router_settings
+from .base import Layout, MoESpec, need, need_int, router_settings
 
 
 class Mixtral(Layout):
@@ -22,9 +22,9 @@ class Mixtral(Layout):
         return True
 
     def read_moe_spec(self, cfg):
-        E = int(need(cfg, "num_local_experts", self.name))
-        k = int(need(cfg, "num_experts_per_tok", self.name))
-        return MoESpec(E, k, int(need(cfg, "intermediate_size", self.name)), 0, router_settings(E, k))
+        E = need_int(cfg, "num_local_experts", self.name)
+        k = need_int(cfg, "num_experts_per_tok", self.name)
+        return MoESpec(E, k, need_int(cfg, "intermediate_size", self.name), 0, router_settings(E, k))
 
     def attention_config(self, arch):
         return {"sliding_window": arch.sliding_window}

@@ -1,7 +1,7 @@
 """OLMoE: q/k RMSNorm over the whole projection (`q_norm [H]`, `k_norm [kv*hd]`), every layer MoE."""
 
 
-from .base import Layout, MoESpec, need, router_settings
+from .base import Layout, MoESpec, need, need_int, router_settings
 
 
 class Olmoe(Layout):
@@ -16,10 +16,10 @@ class Olmoe(Layout):
         return True
 
     def read_moe_spec(self, cfg):
-        E = int(need(cfg, "num_experts", self.name))
-        k = int(need(cfg, "num_experts_per_tok", self.name))
+        E = need_int(cfg, "num_experts", self.name)
+        k = need_int(cfg, "num_experts_per_tok", self.name)
         renorm = bool(cfg.get("norm_topk_prob", False))
-        width = int(need(cfg, "intermediate_size", self.name))
+        width = need_int(cfg, "intermediate_size", self.name)
         return MoESpec(E, k, width, 0, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):

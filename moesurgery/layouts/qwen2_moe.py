@@ -6,13 +6,13 @@ exists: "no shared expert" is written as a zero one.
 
 
 from ..canonical import SwiGLU
-from .base import Layout, MoESpec, need, router_settings
+from .base import Layout, MoESpec, get_int, need, need_int, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
 
 
 def qwen_moe_layer(cfg: dict, index: int) -> bool:
     experts = cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0
-    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    step = (get_int(cfg, "decoder_sparse_step", 1) or 1)
     return index not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (index + 1) % step == 0
 
 
@@ -50,11 +50,11 @@ class Qwen2Moe(Layout):
         return qwen_moe_layer(cfg, index)
 
     def read_moe_spec(self, cfg):
-        E = int(need(cfg, "num_experts", self.name))
-        k = int(need(cfg, "num_experts_per_tok", self.name))
+        E = need_int(cfg, "num_experts", self.name)
+        k = need_int(cfg, "num_experts_per_tok", self.name)
         renorm = bool(cfg.get("norm_topk_prob", False))
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
-        width = int(need(cfg, "moe_intermediate_size", self.name))
+        shared = get_int(cfg, "shared_expert_intermediate_size", 0)
+        width = need_int(cfg, "moe_intermediate_size", self.name)
         return MoESpec(E, k, width, shared, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):

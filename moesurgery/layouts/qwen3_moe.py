@@ -1,7 +1,7 @@
 """Qwen3-MoE: qwen3 attention (per-head q/k norm), routed experts only, optional dense layers."""
 
 
-from .base import Layout, MoESpec, need, router_settings
+from .base import Layout, MoESpec, need, need_int, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
 from .qwen2_moe import qwen_moe_config, qwen_moe_layer
 
@@ -23,9 +23,9 @@ class Qwen3Moe(Layout):
 
     def read_moe_spec(self, cfg):
         E = int(cfg.get("num_experts") or need(cfg, "num_local_experts", self.name))
-        k = int(need(cfg, "num_experts_per_tok", self.name))
+        k = need_int(cfg, "num_experts_per_tok", self.name)
         renorm = bool(cfg.get("norm_topk_prob", False))
-        width = int(need(cfg, "moe_intermediate_size", self.name))
+        width = need_int(cfg, "moe_intermediate_size", self.name)
         return MoESpec(E, k, width, 0, router_settings(E, k, renormalize=renorm))
 
     def attention_config(self, arch):

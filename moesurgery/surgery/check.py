@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..canonical import Model
+from ..canonical import Model, ffn_tensors
 from ..runtime.model import ffn_forward, load_ffn
+from ..verify import error_parts
 
 TOLERANCE = 1e-5  # relative, computed in fp32
 
@@ -31,8 +32,16 @@ def quick_check(source: Model, output: Model, layers: list[int] | None = None, t
         x = inputs[i][:tokens] if inputs else torch.randn(tokens, source.arch.hidden_size, generator=gen)
         want = ffn_forward(x, load_ffn(source.layers[i].ffn))
         got = ffn_forward(x, load_ffn(output.layers[i].ffn))
-        err = (got - want).abs().max().item()
-        rows.append({"index": i, "max_abs_err": err, "rel_err": err / max(want.abs().max().item(), 1e-30)})
+        err, scale = error_parts(got, want)
+        rows.append({"index": i, "max_abs_err": err, "rel_err": err / max(scale, 1e-30)})
+        if not (torch.isfinite(want).all() and torch.isfinite(got).all()):
+            bad = [n for side in (source, output) for n, t in ffn_tensors(f"model.layers.{i}.ffn.", side.layers[i].ffn)
+                   if t.dtype.is_floating_point and not bool(torch.isfinite(t.load()).all())]
+            rows[-1]["nonfinite"] = sorted(set(bad))[:4]
     worst = max(r["rel_err"] for r in rows) if rows else 0.0
     what = f"{min(tokens, len(next(iter(inputs.values()))))} calibration hidden states per layer" if inputs else f"{tokens} random N(0,1) hidden states per layer"
-    return {"verdict": "exact" if worst <= TOLERANCE else "lossy", "rel_err": worst, "layers": rows, "inputs": what}
+    out = {"verdict": "exact" if worst <= TOLERANCE else "lossy", "rel_err": worst, "layers": rows, "inputs": what}
+    bad = sorted({n for r in rows for n in r.get("nonfinite", [])})
+    if bad:
+        out["nonfinite"] = bad  # NaN/Inf where both agree count as equal: said, not hidden
+    return out
