@@ -50,7 +50,8 @@ class Router:
     topk_group: int = 1
     group_score: Literal["max", "top2_sum"] = "top2_sum"
     bias: Lazy | None = None  # e_score_correction_bias [E]: selection only, fp32
-    softmax_in_model_dtype: bool = False  # deepseek v1 computes softmax in the model dtype
+    softmax_in_model_dtype: bool = False  # deepseek v1, mistral4: logits and softmax in the model dtype
+    logits_in_model_dtype: bool = False  # minimax_m2: sigmoid router logits in the model dtype (sigmoid in fp32)
 
     @property
     def num_experts(self) -> int:
@@ -101,13 +102,20 @@ class Arch:
     o_bias: bool = False
     qk_norm: Literal[None, "head", "full"] = None
     sliding_window: int | None = None
-    mla: dict = field(default_factory=dict)  # q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim...
+    mla: dict = field(default_factory=dict)  # q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim... (+ "variant")
+    rope_interleave: bool = False  # GQA rotating (x0, x1), (x2, x3)... pairs (ERNIE-4.5), not rotate_half
+    indexer: dict | None = None  # DSA lightning indexer: {topk, heads, head_dim, interleave, types: ["full"|"shared"] per layer}
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config
 
     def describe_attention(self) -> str:
         if self.attention == "mla":
-            return f"MLA ({self.num_heads} heads, kv_lora_rank {self.mla.get('kv_lora_rank')})"
+            out = f"MLA ({self.num_heads} heads, kv_lora_rank {self.mla.get('kv_lora_rank')})"
+            if self.indexer:
+                out += f", sparse attention (DSA indexer, top-{self.indexer['topk']} keys)"
+            if self.query_scale:
+                out += f", llama-4 query scaling from {self.query_scale[1]} positions"
+            return out
         kind = "MHA" if self.num_heads == self.num_kv_heads else "GQA"
         parts = [f"{kind} {self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}"]
         if self.qkv_bias:
@@ -118,7 +126,21 @@ class Arch:
             parts.append(f"partial rotary {self.partial_rotary_factor}")
         if self.sliding_window:
             parts.append(f"sliding window {self.sliding_window}")
+        if self.rope_interleave:
+            parts.append("interleaved rope")
+        if self.query_scale:
+            parts.append(f"llama-4 query scaling from {self.query_scale[1]} positions")
         return ", ".join(parts)
+
+    @property
+    def query_scale(self) -> tuple[float, int] | None:
+        """(beta, original positions) of Llama-4's query scaling q * (1 + beta log(1 + floor(pos / orig))),
+        as Mistral 4 / Ministral 3 keep it in rope_parameters; None when absent."""
+        r = self.rope_scaling or {}
+        beta = r.get("llama_4_scaling_beta")
+        if not beta:
+            return None
+        return float(beta), int(r.get("original_max_position_embeddings") or self.max_position_embeddings)
 
 
 @dataclass
@@ -139,6 +161,7 @@ class Model:
     config: dict  # the source config.json, as read
     extras: dict[str, Lazy] = field(default_factory=dict)  # tensors outside the decoder (e.g. MTP)
     quantization: dict | None = None  # the source's block-scaled fp8 quantization_config (weights read dequantized)
+    wrapper: "object | None" = None  # nesting.Wrapper: the multimodal model around this language model, if any
 
     def moe_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]

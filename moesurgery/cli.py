@@ -85,6 +85,11 @@ def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
     head = Table.grid(padding=(0, 2))
     head.add_row("source", report["source"])
     head.add_row("family", f"{report['model_type']} ({report['architecture']})")
+    if report.get("wrapper"):
+        w = report["wrapper"]
+        head.add_row("wrapper", f"{w['model_type']} ({w['architecture']}): the language model is under {w['text_prefix']}; "
+                     f"{w['passthrough_tensors']} other tensors ({human_bytes(w['passthrough_bytes'])}: {', '.join(w['passthrough_parts'])}) "
+                     "pass through every command byte for byte")
     head.add_row("size", f"{human_bytes(report['bytes'])} in {report['shards']} shard(s); " + ", ".join(f"{k} {human_bytes(v)}" for k, v in report["dtypes"].items()))
     if report["fp8_block_size"]:
         b0, b1 = report["fp8_block_size"]

@@ -47,14 +47,20 @@ def express_attention(model: Model, layout: Layout, out: Expressed) -> tuple[Arc
         return arch, model.layers
     if arch.attention != layout.attention:
         raise BadInputError(f"{model.family} has {arch.attention.upper()} attention, {name} needs {layout.attention.upper()}: attention cannot be converted")
+    if arch.rope_interleave != bool(layout.rope_interleave):
+        have = "interleaved rope pairs" if arch.rope_interleave else "rotate-half rope"
+        raise BadInputError(f"{model.family} attention uses {have}; {name} rotates the other way")
+    arch = replace(arch)
+    if arch.query_scale and not layout.query_scaling:
+        _once(out.lossy, f"{name} has no Llama-4 query scaling: attention differs from position {arch.query_scale[1]} on")
+        arch.rope_scaling = {k: v for k, v in arch.rope_scaling.items() if k != "llama_4_scaling_beta"}
     if arch.attention == "mla":
-        return arch, model.layers
+        return express_mla(model, arch, layout, out)
     if arch.qk_norm not in layout.qk_norms:
         have = f"qk-norm over {'each head' if arch.qk_norm == 'head' else 'the whole projection'}" if arch.qk_norm else "no qk-norm"
         raise BadInputError(f"{model.family} attention has {have}; {name} attention cannot host it")
     if arch.partial_rotary_factor != 1.0 and not layout.partial_rotary:
         raise BadInputError(f"{model.family} uses partial rotary ({arch.partial_rotary_factor}); {name} rotates the whole head")
-    arch = replace(arch)
     if arch.sliding_window and arch.sliding_window < arch.max_position_embeddings and not layout.sliding_window:
         _once(out.lossy, f"{name} has no sliding window: attention differs beyond {arch.sliding_window} tokens")
         arch.sliding_window = None
@@ -89,10 +95,33 @@ def express_attention(model: Model, layout: Layout, out: Expressed) -> tuple[Arc
     return arch, layers
 
 
+def express_mla(model: Model, arch: Arch, layout: Layout, out: Expressed) -> tuple[Arch, list[Layer]]:
+    """MLA to MLA: the same tensors; the rotation (v2 complex pairs = v3 interleaved pairs) and the
+    sparse-attention indexer must be ones the target computes."""
+    name = layout.name
+    arch.mla = {**arch.mla, "variant": getattr(layout, "mla_variant", arch.mla.get("variant"))}
+    if arch.mla.get("variant") == "deepseek_v3" and "rope_interleave" not in arch.mla:
+        arch.mla["rope_interleave"] = True  # v2's complex pairs are v3's interleaved pairs
+    want = getattr(layout, "indexer_interleave", None)
+    layers = model.layers
+    if arch.indexer and want is None:  # the target has no indexer: dense attention, exact up to index_topk keys
+        _once(out.lossy, f"{name} has no sparse-attention indexer: attention differs beyond {arch.indexer['topk']} tokens (index_topk)")
+        layers = [replace(l, attn={k: v for k, v in l.attn.items() if not k.startswith("self_attn.indexer.")}) for l in layers]
+        arch.indexer = None
+    elif arch.indexer and want != arch.indexer["interleave"]:
+        raise BadInputError(f"{model.family}'s sparse-attention indexer rotates {'interleaved pairs' if arch.indexer['interleave'] else 'half split'}; "
+                            f"{name}'s the other way: attention cannot be converted")
+    elif arch.indexer and "shared" in arch.indexer["types"] and not getattr(layout, "indexer_types", None):
+        raise BadInputError(f"{model.family} has layers that reuse another layer's sparse-attention choice; {name} cannot")
+    elif not arch.indexer and want is not None:
+        raise BadInputError(f"{name} needs a sparse-attention indexer in every layer; {model.family} has none")
+    return arch, layers
+
+
 # ---------------------------------------------------------------------------------------- router
 def express_router(r: Router, layout: Layout, out: Expressed, experts: list[SwiGLU]) -> tuple[Router, list[SwiGLU]]:
     name = layout.name
-    new = replace(r, softmax_in_model_dtype=layout.softmax_in_model_dtype)
+    new = replace(r, softmax_in_model_dtype=layout.softmax_in_model_dtype, logits_in_model_dtype=layout.logits_in_model_dtype)
     plain_top1 = r.top_k == 1 and r.renormalize and r.bias is None and not r.grouped
     if r.scoring not in layout.scorings:
         new.scoring = layout.scorings[0]

@@ -74,5 +74,23 @@ def inspect_model(spec) -> dict:
         "num_moe_layers": sum(isinstance(l.ffn, MoE) for l in model.layers),
         "layers": [layer_report(l) for l in model.layers],
         "extra_tensors": sorted(model.extras),
+        "wrapper": wrapper_report(model.wrapper),
         "notes": opened.notes,
+    }
+
+
+def wrapper_report(w) -> dict | None:
+    """The multimodal model around the language model, and what passes through it untouched."""
+    if w is None:
+        return None
+    names = sorted(w.passthrough)
+    tops = sorted({n.split(".")[0] if not n.startswith("model.") else ".".join(n.split(".")[:2]) for n in names})
+    return {
+        "model_type": w.model_type,
+        "architecture": w.architecture,
+        "text_prefix": w.prefix,
+        "passthrough_tensors": len(names),
+        "passthrough_bytes": sum(t.nbytes for t in w.passthrough.values()),
+        "passthrough_parts": tops,
+        "passthrough_examples": names[:3],
     }

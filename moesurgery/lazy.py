@@ -56,7 +56,7 @@ def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
 class Lazy:
     """A tensor not yet read: `shape`, `dtype`, and `load()` to get it."""
 
-    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin", "fp8")
+    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin", "fp8", "parts")
 
     def __init__(
         self,
@@ -73,6 +73,7 @@ class Lazy:
         self._load_slice = load_slice
         self.origin = origin  # "key" when this is an untouched source tensor
         self.fp8 = fp8  # its block-scaled FP8 form, where it still has one
+        self.parts: list[Lazy] | None = None  # pieces along dim 0 the writer streams one at a time (a fused tensor)
 
     def __repr__(self) -> str:
         return f"Lazy({list(self.shape)}, {self.dtype}, origin={self.origin})"
@@ -120,6 +121,36 @@ class Lazy:
         sl = tuple(slice(a, b) for a, b in ranges)
         return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), fp8=fp8)
 
+    def select(self, j: int) -> "Lazy":
+        """self[j] without its leading dim: one expert of a fused [E, ...] tensor, read as a slice."""
+        shape = self.shape[1:]
+        if self._load_slice is not None:
+            parent_slice = self._load_slice
+            full = tuple((0, s) for s in shape)
+            return Lazy(shape, self.dtype, lambda: parent_slice(((j, j + 1),) + full)[0].contiguous(),
+                        lambda ranges: parent_slice(((j, j + 1),) + tuple(ranges))[0].contiguous())
+        parent = self.load
+        return Lazy(shape, self.dtype, lambda: parent()[j].contiguous())
+
+    def t(self) -> "Lazy":
+        """The 2-D transpose; slices of it still read only their part (transposed form on disk)."""
+        assert len(self.shape) == 2
+        shape = (self.shape[1], self.shape[0])
+        if self._load_slice is not None:
+            parent_slice = self._load_slice
+
+            def load_slice(ranges):
+                rows, cols = (tuple(ranges) + ((0, shape[1]),))[:2]
+                return parent_slice((cols, rows)).T.contiguous()
+
+            return Lazy(shape, self.dtype, lambda: load_slice(((0, shape[0]), (0, shape[1]))), load_slice)
+        parent = self.load
+        return Lazy(shape, self.dtype, lambda: parent().T.contiguous())
+
+    def reshape(self, *shape: int) -> "Lazy":
+        parent = self.load
+        return Lazy(shape, self.dtype, lambda: parent().reshape(shape))
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape=None, dtype=None) -> "Lazy":
         parent = self.load
         return Lazy(shape or self.shape, dtype or self.dtype, lambda: fn(parent()))
@@ -155,4 +186,15 @@ def cat(parts: Sequence[Lazy], dim: int = 0) -> Lazy:
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
     dtype = parts[0].dtype
-    return Lazy(shape, dtype, lambda: torch.cat([p.load() for p in parts], dim=dim))
+    out = Lazy(shape, dtype, lambda: torch.cat([p.load() for p in parts], dim=dim))
+    if dim == 0:
+        out.parts = list(parts)
+    return out
+
+
+def stack(parts: Sequence[Lazy]) -> Lazy:
+    """[E, ...] from E tensors of one shape: a fused expert tensor, written one expert at a time."""
+    shape = (len(parts), *parts[0].shape)
+    out = Lazy(shape, parts[0].dtype, lambda: torch.stack([p.load() for p in parts]))
+    out.parts = [p.reshape(1, *p.shape) for p in parts]
+    return out

@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fp8
+from . import fp8, nesting
 from .canonical import Model
 from .errors import BadInputError
 from .layouts import Layout, layout_for_config
 from .reader import CheckpointReader
 from .source import ResolvedSource, resolve_source
-from .writer import DEFAULT_MAX_SHARD_SIZE, Shard, plan_shards, write_checkpoint
+from .writer import DEFAULT_MAX_SHARD_SIZE, PlannedTensor, Shard, plan_shards, write_checkpoint
 
 
 @dataclass
@@ -51,6 +51,10 @@ def open_model(spec: str | Path) -> Opened:
     source = resolve(spec)
     cfg = read_config(source.path)
     notes = []
+    wrapper_cfg, moved = None, ()
+    if nesting.text_config_of(cfg) is not None:  # a multimodal wrapper: read its language model
+        wrapper_cfg = cfg
+        cfg, moved = nesting.unwrap_config(cfg)
     q = cfg.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method") == "gguf":  # transformers' save after dequantizing a GGUF
         cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
@@ -65,10 +69,16 @@ def open_model(spec: str | Path) -> Opened:
     stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
     if stray is not None:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
+    view, wrapper = reader, None
+    if wrapper_cfg is not None:
+        view, wrapper = nesting.open_text(reader, wrapper_cfg, moved)
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in view  # the wrapper decides tying; the checkpoint shows it
     try:
-        model = layout.read(cfg, reader)
+        model = layout.read(cfg, view)
         if block is not None:
             model = replace(model, quantization=quantization)
+        if wrapper is not None:
+            model = replace(model, wrapper=wrapper)
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(f"config.json: cannot read a {layout.name} config ({e.__class__.__name__}: {e})") from e
     if notes:
@@ -82,14 +92,28 @@ def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]
     """(config, planned tensors, notes) of `model` written in `layout`: FP8 again where the source was
     block-scaled FP8 and every linear weight kept its FP8 form, else plain."""
     config, tensors, notes = layout.write_config(model), layout.tensors(model), []
+    quantized = False
     if model.quantization:
         kept, why = fp8.requantized(tensors)
         if kept is None:
             notes.append(f"written in bf16 (the FP8 source is dequantized): {why}")
         else:
-            tensors = kept
-            config["quantization_config"] = model.quantization
+            tensors, quantized = kept, True
             notes.append("written as block-scaled FP8 like the source (weights + weight_scale_inv, its quantization_config)")
+    w = model.wrapper
+    if w is not None:  # the same wrapper around the new language model; the rest passes through as stored
+        config = w.nest(config, tied=model.lm_head is None)
+        target = config if "quantization_config" in w.moved else config["text_config"]
+        if quantized:
+            target["quantization_config"] = model.quantization
+        else:
+            target.pop("quantization_config", None)
+            config.pop("quantization_config", None)
+        tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors] + [PlannedTensor(k, v) for k, v in w.passthrough.items()]
+        notes.append(f"inside its {w.architecture} wrapper: {len(w.passthrough)} tensors outside the language model "
+                     f"(vision tower, projector...) carried byte for byte")
+    elif quantized:
+        config["quantization_config"] = model.quantization
     return config, tensors, notes
 
 

@@ -174,6 +174,10 @@ def split_experts(
                 lossy += [w for w in why if w not in lossy]
                 layer = replace(layer, ffn=ffn)
             layers.append(layer)
+        if lossy and not allow_lossy:  # finer experts promise the same function: say where they cannot keep it
+            r = next(l.ffn.router for l in model.layers if isinstance(l.ffn, MoE))
+            raise BadInputError(f"finer experts of {model.family} are not exact: {'; '.join(lossy)} ({r.n_group} expert groups, "
+                                f"{r.topk_group} kept per token: n_group / topk_group); pass --allow-lossy to split anyway")
         return _finish(opened, model.with_layers(layers), target, output, operation="finer-experts", surgery_lossy=lossy, measured=[],
                        allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True)
 

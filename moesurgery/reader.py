@@ -270,6 +270,24 @@ class CheckpointReader:
         return Lazy(info.shape, info.dtype, lambda: self._read(info.key, info.file),
                     lambda r: self._read(info.key, info.file, tuple(slice(a, b) for a, b in r)), origin=info.key)
 
+    # ---- tensors exactly as stored (pass-through of parts we do not interpret) -------------------
+    def stored_keys(self) -> list[str]:
+        """Every tensor name in the files, FP8 scales included."""
+        return list(self.tensors) + [s.key for s in self.scales.values()]
+
+    def stored(self, key: str) -> Lazy:
+        """`key` exactly as stored: float8 data for an FP8 weight, the scale tensor itself for a scale."""
+        info = self.fp8_data.get(key) or self.tensors.get(key) or next((s for s in self.scales.values() if s.key == key), None)
+        if info is None:
+            raise BadInputError(f"{self.directory.name}: tensor {key} is missing")
+        return self._stored(info)
+
+    def stored_owner(self, key: str) -> str:
+        """The weight a stored scale belongs to (itself for any other tensor)."""
+        if key.endswith(fp8.SCALE_SUFFIX) and key[: -len(fp8.SCALE_SUFFIX)] in self.scales:
+            return key[: -len(fp8.SCALE_SUFFIX)]
+        return key
+
     @property
     def total_bytes(self) -> int:
         """Bytes of the tensors as read (block-scaled FP8 weights count as the bf16 they decode to)."""

@@ -225,11 +225,11 @@ def verify(
         c_w = LoadedLayer(i, {k: t.to(c_rt.device, dtype) for k, t in c_raw.items()}, load_ffn(c_layer.ffn, c_rt.device, dtype))
         return list(zip(names, same)), r_w, c_w
 
-    def in_groups(fn, *xs):
-        """fn over groups of batch rows (bounded attention scores), outputs concatenated."""
-        if len(groups) == 1:
-            return fn(*xs)
-        return torch.cat([fn(*(x[g] for x in xs)) for g in groups])
+    r_states, c_states = [{} for _ in groups], [{} for _ in groups]  # per group of rows: what a layer hands the next
+
+    def in_groups(fn, x, states):
+        """fn(rows, state) over groups of batch rows (bounded attention scores), outputs concatenated."""
+        return torch.cat([fn(x[g], state) for g, state in zip(groups, states)])
 
     # each big tensor is read once: the embeddings are compared and handed to the runtimes; the
     # heads are read, compared and used at the end
@@ -252,7 +252,7 @@ def verify(
             pending = prefetch.submit(load_pair, i + 1) if i + 1 < n else None  # read the next layer meanwhile
             attn_untouched = all([tally(f"model.layers.{i}.{k}", same) for k, same in same_attn])
             in_step = torch.equal(x_c, x_r)  # the candidate's stream still equals the reference's
-            x_r = in_groups(lambda x: r_rt.attention(x, r_w, positions, r_rope)[0], x_r)
+            x_r = in_groups(lambda x, st: r_rt.attention(x, r_w, positions, r_rope, state=st)[0], x_r, r_states)
             h = r_rt.ffn_input(x_r, r_w)  # the reference's real FFN input, fed to both blocks
             y_r, idx_r = ffn_forward(h, r_w.ffn, backend, return_routing=True)
             y_c, idx_c = ffn_forward(h, c_w.ffn, backend, return_routing=True)
@@ -267,8 +267,9 @@ def verify(
             })
             if in_step and attn_untouched:  # same input, same attention: the candidate's layer is x_r + y_c
                 x_c = x_r + y_c
+                c_states = [dict(st) for st in r_states]
             else:
-                x_c = in_groups(lambda x: c_rt.decoder_layer(x, c_w, positions, c_rope)[0], x_c)
+                x_c = in_groups(lambda x, st: c_rt.decoder_layer(x, c_w, positions, c_rope, state=st)[0], x_c, c_states)
             x_r = x_r + y_r
             del r_w, c_w
         r_head = None if ref.lm_head is None else ref.lm_head.load()

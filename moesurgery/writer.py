@@ -108,13 +108,23 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
     with open(path, "wb") as f:
         f.write(_header_bytes(tensors, metadata))
         for t in tensors:
-            value = t.tensor.load()
-            if tuple(value.shape) != t.tensor.shape or value.dtype != t.tensor.dtype:
-                raise RuntimeError(f"{t.name}: planned {t.tensor.shape} {t.tensor.dtype}, got {tuple(value.shape)} {value.dtype}")
-            if value.numel():
-                f.write(_tensor_bytes(value))
-            del value
-            advance(t.nbytes)
+            for piece in _pieces(t.tensor):  # a fused tensor streams one part (expert) at a time
+                value = piece.load()
+                if tuple(value.shape) != piece.shape or value.dtype != piece.dtype:
+                    raise RuntimeError(f"{t.name}: planned {piece.shape} {piece.dtype}, got {tuple(value.shape)} {value.dtype}")
+                if value.numel():
+                    f.write(_tensor_bytes(value))
+                del value
+                advance(piece.nbytes)
+
+
+def _pieces(t: Lazy):
+    """The tensor, or its parts along dim 0 recursively (whose bytes, written in order, are the tensor's)."""
+    if t.parts is None:
+        yield t
+        return
+    for p in t.parts:
+        yield from _pieces(p)
 
 
 def write_weights(out_dir: Path, shards: list[Shard], metadata: dict[str, str]) -> None:

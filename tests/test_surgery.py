@@ -105,8 +105,11 @@ def test_symmetry_breaking_is_reported_lossy(checkpoint, tmp_path):
     assert report["verdict"] == "lossy" and len(report["lossy_reasons"]) == 2
 
 
-def test_grouped_sigmoid_finer_split_is_lossy_but_allowed(checkpoint, tmp_path):
-    report = split_experts(checkpoint("deepseek_v3"), tmp_path / "out", granularity=2)
+def test_grouped_sigmoid_finer_split_is_refused_then_allowed(checkpoint, tmp_path):
+    with pytest.raises(BadInputError, match="4 expert groups, 2 kept"):
+        split_experts(checkpoint("deepseek_v3"), tmp_path / "out", granularity=2)
+    assert not (tmp_path / "out").exists()
+    report = split_experts(checkpoint("deepseek_v3"), tmp_path / "out", granularity=2, allow_lossy=True)
     assert report["expected"] == "lossy" and "group" in report["lossy_reasons"][0]
 
 

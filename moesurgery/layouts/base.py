@@ -13,7 +13,7 @@ import torch
 
 from ..canonical import Arch, Layer, Model, MoE, Router, SwiGLU
 from ..errors import BadInputError
-from ..lazy import Lazy
+from ..lazy import Lazy, cat, stack
 from ..reader import CheckpointReader
 from ..writer import PlannedTensor
 
@@ -88,6 +88,58 @@ def router_settings(num_experts: int, top_k: int, scoring: str = "softmax", reno
     return Router(Lazy.zeros((num_experts, 1), torch.float32), top_k, scoring, renormalize, **settings)
 
 
+# ---------------------------------------------------------------- dense / MoE schedules (data)
+SPARSE_TYPES = ("sparse", "moe", "hash_moe")  # mlp_layer_types entries that are MoE layers
+
+
+def moe_schedule(cfg: dict, num_layers: int, kind: str) -> list[bool]:
+    """Which layers are MoE, from the fields of schedule `kind`:
+      all            every layer (Mixtral, OLMoE, MiniMax-M2, Solar-Open)
+      first_k_dense  i >= first_k_dense_replace and i % moe_layer_freq == 0 (DeepSeek, GLM-4.5, Kimi)
+      layer_types    mlp_layer_types ("dense" / "sparse"), else first_k_dense (DeepSeek-V3.2, GLM-5, Hy3)
+      qwen           not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+      ernie          moe_layer_start_index <= i <= moe_layer_end_index and (i + 1) % moe_layer_interval == 0"""
+    if kind == "all":
+        return [True] * num_layers
+    if kind == "layer_types" and cfg.get("mlp_layer_types") is not None:
+        types = cfg["mlp_layer_types"]
+        if not isinstance(types, list) or len(types) != num_layers:
+            raise BadInputError(f"config.json: mlp_layer_types must list {num_layers} layer types (num_hidden_layers)")
+        return [t in SPARSE_TYPES for t in types]
+    if kind in ("first_k_dense", "layer_types"):
+        first = get_int(cfg, "first_k_dense_replace", 0) or 0
+        freq = get_int(cfg, "moe_layer_freq", 1) or 1
+        return [i >= first and i % freq == 0 for i in range(num_layers)]
+    if kind == "qwen":
+        step = get_int(cfg, "decoder_sparse_step", 1) or 1
+        only = cfg.get("mlp_only_layers") or []
+        return [i not in only and (i + 1) % step == 0 for i in range(num_layers)]
+    if kind == "ernie":
+        start = get_int(cfg, "moe_layer_start_index", 0) or 0
+        end = get_int(cfg, "moe_layer_end_index", num_layers - 1)
+        end = num_layers - 1 if end < 0 else end
+        interval = get_int(cfg, "moe_layer_interval", 1) or 1
+        return [start <= i <= end and (i + 1) % interval == 0 for i in range(num_layers)]
+    raise ValueError(kind)
+
+
+def schedule_config(kind: str, moe: list[bool]) -> dict:
+    """The config fields of schedule `kind` that give the layers `moe` (express() has checked it fits)."""
+    dense = [i for i, m in enumerate(moe) if not m]
+    if kind == "all":
+        return {}
+    if kind == "first_k_dense":
+        return {"first_k_dense_replace": len(dense), "moe_layer_freq": 1}
+    if kind == "layer_types":
+        return {"first_k_dense_replace": len(dense), "mlp_layer_types": ["sparse" if m else "dense" for m in moe]}
+    if kind == "qwen":
+        return {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+    if kind == "ernie":
+        start = len(dense)
+        return {"moe_layer_start_index": start, "moe_layer_end_index": len(moe) - 1, "moe_layer_interval": 1}
+    raise ValueError(kind)
+
+
 @dataclass
 class MoESpec:
     """The MoE fields of a config: one value for all MoE layers."""
@@ -103,14 +155,21 @@ class Layout:
     # identity
     name: str = ""
     architecture: str = ""
-    # keys
-    ffn_prefix: str = "mlp"
-    router_key: str = "gate.weight"
-    bias_key: str | None = None
+    # keys (relative to model.layers.{L}.<ffn_prefix>.)
+    ffn_prefix: str = "mlp"  # mlp | feed_forward | block_sparse_moe
+    router_key: str = "gate.weight"  # gate.weight | router.weight | router.gate.weight
+    bias_key: str | None = None  # gate.e_score_correction_bias | e_score_correction_bias | expert_bias | moe_statics...
+    bias_row: bool = False  # the bias is stored [1, E] (ERNIE's moe_statics), not [E]
     expert_key: str = "experts.{j}.{proj}_proj.weight"
     expert_proj: dict = {"gate": "gate", "up": "up", "down": "down"}
-    shared_key: str | None = None  # "shared_expert" | "shared_experts"
+    fused_keys: tuple = ("experts.gate_up_proj", "experts.down_proj")  # 3-D expert tensors, where stored fused
+    fused_transposed: bool = False  # [E, H, 2I] + [E, I, H] (Llama 4, gpt-oss) instead of [E, 2I, H] + [E, H, I]
+    experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused (read: either)
+    shared_key: str | None = None  # "shared_expert" | "shared_experts" | "shared_mlp"
     shared_gate_key: str | None = None
+    schedule: str = "all"  # which config fields say which layers are MoE (see moe_schedule)
+    needs_remote_code: bool = False  # the config points at Hub code (auto_map): not loadable offline
+    aliases: tuple = ()  # other model_type names read as this layout
     # capabilities: what the config can express
     moe: bool = False
     attention: str = "gqa"
@@ -126,6 +185,10 @@ class Layout:
     shared: str | None = None  # None | gated | multiple
     dense_layers: str = "all"  # all (dense model) | none | prefix | any
     softmax_in_model_dtype: bool = False
+    logits_in_model_dtype: bool = False
+    query_scaling: bool = False  # can hold Llama-4 query scaling (llama_4_scaling_beta in rope_parameters)
+    rope_interleave: bool = False  # GQA rope over (x0, x1), (x2, x3)... pairs (ERNIE)
+    rope_parameters_style: bool = False  # write rope as transformers 5's rope_parameters (else rope_theta + rope_scaling)
     default_rope_theta: float = 10000.0
     default_partial_rotary: float = 1.0
 
@@ -176,7 +239,7 @@ class Layout:
         return None
 
     def is_moe_layer(self, cfg: dict, index: int) -> bool:
-        return False
+        return self.moe and moe_schedule(cfg, get_int(cfg, "num_hidden_layers", 0), self.schedule)[index]
 
     def read_moe_spec(self, cfg: dict) -> MoESpec:
         raise NotImplementedError
@@ -234,11 +297,33 @@ class Layout:
     def read_expert(self, prefix: str, j: int, take) -> SwiGLU:
         return SwiGLU(*(take(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p])) for p in PROJ))
 
+    def read_fused_experts(self, prefix: str, spec: MoESpec, take) -> list[SwiGLU]:
+        """Per-expert views of fused 3-D tensors: each expert's gate/up/down is read as its own slice."""
+        gate_up, down = (take(prefix + k) for k in self.fused_keys)
+        E, I, H = spec.num_experts, spec.expert_width, gate_up.shape[1 if self.fused_transposed else 2]
+        want = ((E, H, 2 * I), (E, I, H)) if self.fused_transposed else ((E, 2 * I, H), (E, H, I))
+        for t, shape in zip((gate_up, down), want):
+            if t.shape != shape:
+                raise BadInputError(f"{t.origin}: shape {list(t.shape)}, expected {list(shape)} from config.json")
+        experts = []
+        for j in range(E):
+            gu, d = gate_up.select(j), down.select(j)
+            if self.fused_transposed:  # [H, 2I], [I, H]
+                experts.append(SwiGLU(gu[:, :I].t(), gu[:, I:].t(), d.t()))
+            else:  # [2I, H], [H, I]
+                experts.append(SwiGLU(gu[:I], gu[I:], d))
+        return experts
+
     def read_moe(self, reader: CheckpointReader, prefix: str, spec: MoESpec, take) -> MoE:
         router_weight = take(prefix + self.router_key)
         bias = take(prefix + self.bias_key) if self.bias_key and prefix + self.bias_key in reader else None
+        if bias is not None and self.bias_row:
+            bias = bias.reshape(bias.numel)
         router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias})
-        experts = [self.read_expert(prefix, j, take) for j in range(spec.num_experts)]
+        if prefix + self.fused_keys[0] in reader:
+            experts = self.read_fused_experts(prefix, spec, take)
+        else:
+            experts = [self.read_expert(prefix, j, take) for j in range(spec.num_experts)]
         shared = shared_gate = None
         if self.shared_key and spec.shared_width:
             shared = self.read_dense(f"{prefix}{self.shared_key}.", take)
@@ -327,9 +412,18 @@ class Layout:
         out = [PlannedTensor(prefix + self.router_key, moe.router.weight)]
         if self.bias_key:
             bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), torch.float32)
-            out.append(PlannedTensor(prefix + self.bias_key, bias))
-        for j, e in enumerate(moe.experts):
-            out += [PlannedTensor(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p]), getattr(e, p)) for p in PROJ]
+            out.append(PlannedTensor(prefix + self.bias_key, bias.reshape(1, bias.numel) if self.bias_row else bias))
+        if self.experts_on_disk == "fused":  # streamed one expert at a time (lazy.stack parts)
+            if self.fused_transposed:
+                gate_up = stack([cat([e.gate, e.up]).t() for e in moe.experts])  # [E, H, 2I]
+                down = stack([e.down.t() for e in moe.experts])  # [E, I, H]
+            else:
+                gate_up = stack([cat([e.gate, e.up]) for e in moe.experts])  # [E, 2I, H]
+                down = stack([e.down for e in moe.experts])  # [E, H, I]
+            out += [PlannedTensor(prefix + self.fused_keys[0], gate_up), PlannedTensor(prefix + self.fused_keys[1], down)]
+        else:
+            for j, e in enumerate(moe.experts):
+                out += [PlannedTensor(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p]), getattr(e, p)) for p in PROJ]
         if moe.shared is not None:
             out += self.swiglu_tensors(f"{prefix}{self.shared_key}.", moe.shared)
         if moe.shared_gate is not None:
@@ -367,11 +461,23 @@ class Layout:
             "torch_dtype": arch.dtype,
             **arch.extra,
         }
+        if self.rope_parameters_style:
+            del cfg["rope_theta"], cfg["rope_scaling"]
+            cfg["rope_parameters"] = self.rope_parameters(arch)
         cfg.update(self.attention_config(arch))
         return cfg
 
     def attention_config(self, arch: Arch) -> dict:
         return {}
+
+    @staticmethod
+    def rope_parameters(arch: Arch) -> dict:
+        """transformers 5's rope_parameters for `arch`."""
+        scaling = dict(arch.rope_scaling or {})
+        out = {"rope_theta": arch.rope_theta, "rope_type": scaling.pop("rope_type", "default"), **scaling}
+        if arch.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = arch.partial_rotary_factor
+        return out
 
     def ffn_config(self, model: Model) -> dict:
         dense = [l.ffn for l in model.layers if isinstance(l.ffn, SwiGLU)]

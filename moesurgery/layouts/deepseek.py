@@ -6,8 +6,8 @@ The DeepSeek-family helpers here are reused by deepseek_v2, deepseek_v3 and glm4
 """
 
 
-from ..canonical import SwiGLU
-from .base import Layout, MoESpec, get_int, need, need_int, router_settings
+from ..canonical import MoE, SwiGLU
+from .base import schedule_config, Layout, MoESpec, get_int, need_int, router_settings
 
 AUTO_MAP = {
     "AutoConfig": "deepseek-ai/deepseek-moe-16b-base--configuration_deepseek.DeepseekConfig",
@@ -23,10 +23,7 @@ class DeepseekFamily(Layout):
     moe = True
     shared = "multiple"
     dense_layers = "prefix"
-
-    def is_moe_layer(self, cfg, index):
-        freq = (get_int(cfg, "moe_layer_freq", 1) or 1)
-        return bool(cfg.get("n_routed_experts")) and index >= get_int(cfg, "first_k_dense_replace", 0) and index % freq == 0
+    schedule = "first_k_dense"
 
     def spec_fields(self, cfg) -> tuple[int, int, int, int]:
         E = need_int(cfg, "n_routed_experts", self.name)
@@ -44,8 +41,7 @@ class DeepseekFamily(Layout):
             "n_shared_experts": moe.shared_width // moe.expert_width,
             "num_experts_per_tok": moe.router.top_k,
             "moe_intermediate_size": moe.expert_width,
-            "first_k_dense_replace": len(dense),
-            "moe_layer_freq": 1,
+            **schedule_config(self.schedule, [isinstance(l.ffn, MoE) for l in model.layers]),
             "norm_topk_prob": moe.router.renormalize,
             "intermediate_size": dense[0].ffn.width if dense else model.config.get("intermediate_size", moe.expert_width),
         }

@@ -14,11 +14,12 @@ class SigmoidRouterMixin:
     scaling = True
     group_score = "top2_sum"
     has_bias = True
+    norm_topk_default = True
 
     def read_moe_spec(self, cfg):
         E, k, width, shared = self.spec_fields(cfg)
         router = router_settings(
-            E, k, "sigmoid", bool(cfg.get("norm_topk_prob", True)), scaling=get_float(cfg, "routed_scaling_factor", 1.0),
+            E, k, "sigmoid", bool(cfg.get("norm_topk_prob", self.norm_topk_default)), scaling=get_float(cfg, "routed_scaling_factor", 1.0),
             n_group=(get_int(cfg, "n_group", 1) or 1), topk_group=(get_int(cfg, "topk_group", 1) or 1), group_score="top2_sum",
         )
         return MoESpec(E, k, width, shared, router)
@@ -41,6 +42,7 @@ class SigmoidRouterMixin:
 class DeepseekV3(MLAMixin, SigmoidRouterMixin, DeepseekFamily):
     name = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
+    mla_variant = "deepseek_v3"
 
 
 LAYOUT = DeepseekV3()

@@ -1,6 +1,6 @@
 """Mixtral: every layer MoE, `block_sparse_moe.experts.{j}.w1/w3/w2`, softmax top-k renormalised."""
 
-from .base import Layout, MoESpec, need, need_int, router_settings
+from .base import Layout, MoESpec, need_int, router_settings
 
 
 class Mixtral(Layout):
@@ -17,9 +17,6 @@ class Mixtral(Layout):
 
     def read_sliding_window(self, cfg):
         return cfg.get("sliding_window") or None
-
-    def is_moe_layer(self, cfg, index):
-        return True
 
     def read_moe_spec(self, cfg):
         E = need_int(cfg, "num_local_experts", self.name)

@@ -1,7 +1,7 @@
 """OLMoE: q/k RMSNorm over the whole projection (`q_norm [H]`, `k_norm [kv*hd]`), every layer MoE."""
 
 
-from .base import Layout, MoESpec, need, need_int, router_settings
+from .base import Layout, MoESpec, need_int, router_settings
 
 
 class Olmoe(Layout):
@@ -11,9 +11,6 @@ class Olmoe(Layout):
     qkv_bias = "with_o"
     qk_norms = ("full",)
     dense_layers = "none"
-
-    def is_moe_layer(self, cfg, index):
-        return True
 
     def read_moe_spec(self, cfg):
         E = need_int(cfg, "num_experts", self.name)

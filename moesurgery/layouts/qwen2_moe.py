@@ -5,15 +5,9 @@ exists: "no shared expert" is written as a zero one.
 """
 
 
-from ..canonical import SwiGLU
-from .base import Layout, MoESpec, get_int, need, need_int, router_settings
+from ..canonical import MoE, SwiGLU
+from .base import schedule_config, Layout, MoESpec, get_int, need_int, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
-
-
-def qwen_moe_layer(cfg: dict, index: int) -> bool:
-    experts = cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0
-    step = (get_int(cfg, "decoder_sparse_step", 1) or 1)
-    return index not in (cfg.get("mlp_only_layers") or []) and experts > 0 and (index + 1) % step == 0
 
 
 def qwen_moe_config(model, experts_key: str = "num_experts") -> dict:
@@ -24,8 +18,7 @@ def qwen_moe_config(model, experts_key: str = "num_experts") -> dict:
         "num_experts_per_tok": moe.router.top_k,
         "moe_intermediate_size": moe.expert_width,
         "norm_topk_prob": moe.router.renormalize,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [l.index for l in dense],
+        **schedule_config("qwen", [isinstance(l.ffn, MoE) for l in model.layers]),
         "intermediate_size": dense[0].ffn.width if dense else model.config.get("intermediate_size", moe.expert_width),
         "output_router_logits": False,
         "router_aux_loss_coef": model.config.get("router_aux_loss_coef", 0.001),
@@ -42,12 +35,10 @@ class Qwen2Moe(Layout):
     sliding_window = True
     shared = "gated"
     dense_layers = "any"
+    schedule = "qwen"
 
     def read_sliding_window(self, cfg):
         return qwen_sliding_window(cfg, self.name)
-
-    def is_moe_layer(self, cfg, index):
-        return qwen_moe_layer(cfg, index)
 
     def read_moe_spec(self, cfg):
         E = need_int(cfg, "num_experts", self.name)

@@ -3,7 +3,7 @@
 
 from .base import Layout, MoESpec, need, need_int, router_settings
 from .dense import qwen_sliding_config, qwen_sliding_window
-from .qwen2_moe import qwen_moe_config, qwen_moe_layer
+from .qwen2_moe import qwen_moe_config
 
 
 class Qwen3Moe(Layout):
@@ -14,12 +14,10 @@ class Qwen3Moe(Layout):
     qk_norms = ("head",)
     sliding_window = True
     dense_layers = "any"
+    schedule = "qwen"
 
     def read_sliding_window(self, cfg):
         return qwen_sliding_window(cfg, self.name)
-
-    def is_moe_layer(self, cfg, index):
-        return qwen_moe_layer(cfg, index)
 
     def read_moe_spec(self, cfg):
         E = int(cfg.get("num_experts") or need(cfg, "num_local_experts", self.name))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..canonical import Arch
 from .cpu_gemv import linear
-from .rope import apply_rotary
+from .rope import apply_rotary, apply_rotary_interleave
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,8 +64,15 @@ def gqa_attention(
     if arch.qk_norm == "head":
         q = rms_norm(q, w["self_attn.q_norm.weight"], arch.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], arch.rms_norm_eps)
-    q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, h, T, d]
-    k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kv, T, d]
+    if arch.rope_interleave:  # ERNIE: (x0, x1), (x2, x3)... pairs, in fp32 (q.k as transformers, dims permuted alike)
+        q = apply_rotary_interleave(q.transpose(1, 2).float(), cos, sin).to(x.dtype)
+        k = apply_rotary_interleave(k.transpose(1, 2).float(), cos, sin).to(x.dtype)
+    else:
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, h, T, d]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kv, T, d]
+    if arch.query_scale is not None:  # Llama-4 query scaling (Ministral 3), after rope
+        beta, orig = arch.query_scale
+        q = q * (1 + beta * torch.log(1 + torch.floor(positions.float() / orig)))[:, None].to(q.dtype)
     v = v.view(B, T, kv, d).transpose(1, 2)
     if cache is not None:
         k = torch.cat([cache[0], k], dim=2)

@@ -130,13 +130,14 @@ class Runtime:
         cos, sin = self._rope
         return cos[past:end], sin[past:end]
 
-    def attention(self, x, layer: LoadedLayer, positions, rope, cache=None):
-        """Pre-norm attention with residual: x -> x + attn(norm(x))."""
+    def attention(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
+        """Pre-norm attention with residual: x -> x + attn(norm(x)). `state` carries what one layer hands
+        the next within a forward pass (the sparse-attention choice of GLM-5's shared layers)."""
         h = rms_norm(x, layer.attn["input_layernorm.weight"], self.arch.rms_norm_eps)
         if self.arch.attention == "mla":
             from .mla import mla_attention
 
-            out, cache = mla_attention(h, layer.attn, self.arch, positions, cache, variant=self.model.family)
+            out, cache = mla_attention(h, layer.attn, self.arch, positions, cache, state=state)
         else:
             out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache)
         return x + out, cache
@@ -144,8 +145,8 @@ class Runtime:
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
         return rms_norm(x, layer.attn["post_attention_layernorm.weight"], self.arch.rms_norm_eps)
 
-    def decoder_layer(self, x, layer: LoadedLayer, positions, rope, cache=None):
-        x, cache = self.attention(x, layer, positions, rope, cache)
+    def decoder_layer(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
+        x, cache = self.attention(x, layer, positions, rope, cache, state)
         return x + ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend), cache
 
     # ---- whole model ----------------------------------------------------------------------
@@ -158,10 +159,11 @@ class Runtime:
         positions = torch.arange(past, past + T, device=self.device)
         rope = self.rope(past, T)
         x = self.embed(input_ids)
+        state: dict = {}
         for i in range(len(self.model.layers)):
             layer = self.layer(i)
             cache = caches[i] if caches and i < len(caches) else None
-            x, cache = self.decoder_layer(x, layer, positions, rope, cache)
+            x, cache = self.decoder_layer(x, layer, positions, rope, cache, state)
             if caches is not None:
                 if i < len(caches):
                     caches[i] = cache

@@ -58,7 +58,8 @@ class MoEWeights:
 def route(x: torch.Tensor, r: Router, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (expert indices [T, k], weights [T, k] in x.dtype)."""
     if r.scoring == "sigmoid":
-        scores = F.linear(x.float(), weight.float()).sigmoid()  # [T, E]
+        logits = F.linear(x, weight) if r.logits_in_model_dtype else F.linear(x.float(), weight.float())
+        scores = logits.float().sigmoid()  # [T, E]
     elif r.softmax_in_model_dtype:
         scores = F.linear(x, weight).softmax(dim=-1)
     else:

@@ -4,7 +4,8 @@ Each expert's neurons are cut into m slices; slice j of expert e becomes expert 
 router row of e repeated. The top-k*m choice then picks every slice of the original top-k experts
 (ties aside), and each slice's weight is the original weight / m (softmax over m equal logits, or
 renormalisation over m times the mass), except sigmoid scores without renormalisation, which keep
-the weight: the factor m is folded into each slice's down_proj.
+the weight: the factor m is folded into each slice's down_proj. A selection bias added to softmax
+probabilities (ERNIE-4.5) is divided by m with them, so the choice ranks as before.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def finer_experts(moe: MoE, m: int) -> tuple[MoE, list[str]]:
     rows = torch.arange(E).repeat_interleave(m)  # expert e*m + j routes like e
     weight = r.weight.index_select(0, rows)
     bias = r.bias.index_select(0, rows) if r.bias is not None else None
+    if bias is not None and r.scoring == "softmax":  # ERNIE: the bias is added to probabilities, which split m ways
+        bias = bias.scale(1.0 / m)  # (p/m + b/m) ranks as (p + b) did
     lossy = []
     if r.grouped and r.group_score == "top2_sum":
         lossy.append("group scores (sum of the top-2 experts of a group) change when experts are split")

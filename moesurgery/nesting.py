@@ -1,0 +1,128 @@
+"""Language models nested in multimodal wrappers (Mistral 3 / Small 4, Kimi K2.5, Llama 4, Qwen3.5...).
+
+A wrapper's config.json holds the language model's config under `text_config` and its own fields
+around it; its checkpoint holds the language model under a prefix and everything else (vision tower,
+projector, anything we do not understand) beside it:
+
+    model.language_model.{embed_tokens, layers.N..., norm}  + lm_head.weight              (transformers 5)
+    language_model.model.{embed_tokens, layers.N..., norm}  + language_model.lm_head.weight   (older exports)
+
+`open_text` presents the language model to the layouts under the plain names (`model.layers.N...`,
+`lm_head.weight`) through a renaming view of the reader, and keeps every other stored tensor as a
+byte-identical pass-through; `nest` writes the new language model back inside the same wrapper: the
+wrapper's config with the new `text_config`, the text tensors under the same prefix, the rest as read.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .errors import BadInputError
+from .lazy import Lazy
+
+# (prefix of the text model's `model.` tensors, name of its lm_head) on disk, newest first
+PREFIXES = (("model.language_model.", "lm_head.weight"), ("language_model.model.", "language_model.lm_head.weight"))
+MOVED_FROM_TOP = ("quantization_config", "torch_dtype", "dtype")  # wrapper fields the text model is read with
+
+
+@dataclass
+class Wrapper:
+    config: dict  # the wrapper's config.json as read
+    prefix: str  # disk prefix of the text model's `model.` tensors
+    head: str  # disk name of the text model's lm_head.weight
+    passthrough: dict[str, Lazy] = field(default_factory=dict)  # every other stored tensor, as stored
+    moved: tuple = ()  # top-level fields copied into the text config for reading (not written back there)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or [self.model_type])[0]
+
+    def disk_name(self, name: str) -> str:
+        """The on-disk name of a text-model tensor named as a top-level causal LM names it."""
+        if name == "lm_head.weight":
+            return self.head
+        if name.startswith("model."):
+            return self.prefix + name[len("model."):]
+        return self.prefix + name  # nothing else is produced by the layouts; kept under the prefix
+
+    def nest(self, text_config: dict, tied: bool) -> dict:
+        """The wrapper config around a new text config (tying is decided at the top level)."""
+        out = copy.deepcopy(self.config)
+        text = dict(text_config)
+        old = self.config.get("text_config", {})
+        for key in self.moved:
+            if key not in old:
+                text.pop(key, None)
+        if "architectures" not in old:
+            text.pop("architectures", None)
+        out["text_config"] = text
+        out["tie_word_embeddings"] = tied
+        text["tie_word_embeddings"] = tied
+        return out
+
+
+def text_config_of(cfg: dict) -> dict | None:
+    """The nested language-model config of a wrapper config, or None for a plain causal LM."""
+    text = cfg.get("text_config")
+    return text if isinstance(text, dict) and text.get("model_type") else None
+
+
+def unwrap_config(cfg: dict) -> tuple[dict, tuple]:
+    """(the text config the layouts read, the top-level fields moved into it)."""
+    text = dict(text_config_of(cfg))
+    moved = tuple(k for k in MOVED_FROM_TOP if k in cfg and k not in text)
+    for key in moved:
+        text[key] = cfg[key]
+    return text, moved
+
+
+class TextView:
+    """A reader over the language model of a wrapper checkpoint, under the plain names."""
+
+    def __init__(self, reader, prefix: str, head: str):
+        self.reader, self.prefix, self.head = reader, prefix, head
+        self._names: dict[str, str] = {}  # plain name -> disk name
+        for key in reader.keys():
+            if key == head:
+                self._names["lm_head.weight"] = key
+            elif key.startswith(prefix):
+                self._names["model." + key[len(prefix):]] = key
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def disk(self, name: str) -> str:
+        return self._names.get(name, name)
+
+    def info(self, name: str):
+        return self.reader.info(self.disk(name))
+
+    def lazy(self, name: str) -> Lazy:
+        return self.reader.lazy(self.disk(name))
+
+    def __getattr__(self, attr):  # everything else (files, fp8 tables, dtypes...) is the reader's
+        return getattr(self.reader, attr)
+
+
+def open_text(reader, cfg: dict, moved: tuple) -> tuple[TextView, Wrapper]:
+    """The language model's view and the wrapper (with its pass-through tensors) of a wrapper checkpoint."""
+    keys = reader.keys()
+    for prefix, head in PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            break
+    else:
+        raise BadInputError(f"config.json nests a {cfg['text_config'].get('model_type')} language model in {cfg.get('model_type')}, "
+                            f"but no tensor is under {' or '.join(p for p, _ in PREFIXES)}")
+    view = TextView(reader, prefix, head)
+    text_disk = set(view._names.values())
+    passthrough = {k: reader.stored(k) for k in reader.stored_keys() if not (k.startswith(prefix) or k == head)
+                   and reader.stored_owner(k) not in text_disk}
+    return view, Wrapper(cfg, prefix, head, passthrough, moved)
