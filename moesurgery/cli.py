@@ -95,6 +95,9 @@ def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
         b0, b1 = report["fp8_block_size"]
         head.add_row("fp8", f"{report['fp8_weights']} block-scaled float8 weights ({b0}x{b1} blocks), read dequantized to bfloat16 "
                      f"(sizes above); {human_bytes(report['stored_bytes'])} on disk")
+    if report.get("int4_group_size"):
+        head.add_row("int4", f"{report['int4_weights']} compressed-tensors INT4 weights (groups of {report['int4_group_size']}), read dequantized "
+                     f"to bfloat16 (sizes above); {human_bytes(report['stored_bytes'])} on disk")
     head.add_row("shape", f"{report['num_layers']} layers, hidden {report['hidden_size']}, vocab {report['vocab_size']}" + (", tied embeddings" if report["tie_word_embeddings"] else ""))
     rope = f"rope theta {a['rope_theta']:g}" + (f", scaling {a['rope_scaling'].get('rope_type')}" if a["rope_scaling"] else "")
     head.add_row("attention", f"{a['summary']}; {rope}")

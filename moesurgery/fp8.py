@@ -46,25 +46,37 @@ def unquantized_config(cfg: dict) -> dict:
     return out
 
 
-LINEAR_WEIGHT = re.compile(r"model\.layers\.\d+\..*_proj(_with_mqa)?\.weight")  # linear weights FP8 checkpoints quantize
+LINEAR_WEIGHT = re.compile(r"(.+\.)?layers\.\d+\..*_proj(_with_mqa)?\.weight")  # linear weights FP8 checkpoints quantize
 
 
-def requantized(tensors: list) -> tuple[list | None, str | None]:
-    """The planned tensors (writer.PlannedTensor) with every tensor that has an FP8 form written as its
-    FP8 data + `weight_scale_inv`, or (None, why not) when a layer linear weight (`*_proj.weight`)
-    has none any more (a slice off the block grid, a computed tensor): then the whole output stays
-    bf16, as a loader expects every linear weight of an FP8 checkpoint to be quantized."""
+def quantized_names(quantization: dict):
+    """Which output tensors a checkpoint of `quantization` (its quantization_config) stores quantized:
+    (predicate on the tensor name, what to call the format)."""
+    if quantization.get("quant_method") == "compressed-tensors":
+        from .int4 import ignored
+
+        rules = list(quantization.get("ignore") or [])
+        return (lambda name: name.endswith("_proj.weight") and not ignored(name, rules)), "INT4"
+    return (lambda name: bool(LINEAR_WEIGHT.fullmatch(name))), "FP8"
+
+
+def requantized(tensors: list, quantization: dict) -> tuple[list | None, str | None]:
+    """The planned tensors (writer.PlannedTensor) with every tensor the format quantizes written in its
+    stored form (FP8: float8 data + `weight_scale_inv`; INT4: weight_packed + weight_scale +
+    weight_shape), or (None, why not) when one of them has none any more (a slice off the block or
+    group grid, a computed tensor): then the whole output stays bf16, as a loader expects every such
+    weight of the checkpoint quantized."""
     from .writer import PlannedTensor
 
-    linear = [t for t in tensors if LINEAR_WEIGHT.fullmatch(t.name)]
-    lost = [t.name for t in linear if t.tensor.fp8 is None]
+    must, kind = quantized_names(quantization)
+    lost = [t.name for t in tensors if must(t.name) and t.tensor.form is None]
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
-        return None, f"{lost[0]}{more} cannot stay FP8 (not a block-aligned slice of an FP8 weight)"
+        return None, f"{lost[0]}{more} cannot stay {kind} (not a {'block' if kind == 'FP8' else 'group'}-aligned slice of a quantized weight)"
     out = []
     for t in tensors:
-        if t.tensor.fp8 is not None:
-            out += [PlannedTensor(t.name, t.tensor.fp8.data), PlannedTensor(t.name + SCALE_SUFFIX, t.tensor.fp8.scale_inv)]
+        if t.tensor.form is not None and must(t.name):
+            out += [PlannedTensor(n, v) for n, v in t.tensor.form.planned(t.name)]
         else:
             out.append(t)
     return out, None

@@ -62,6 +62,8 @@ def inspect_model(spec) -> dict:
         "bytes": reader.total_bytes,
         "fp8_block_size": list(reader.fp8_block) if reader.fp8_block else None,
         "fp8_weights": len(reader.scales),
+        "int4_group_size": reader.int4_group,
+        "int4_weights": len(reader.int4),
         "stored_bytes": reader.stored_bytes,
         "shards": len(reader.files),
         "num_layers": model.arch.num_layers,

@@ -39,6 +39,10 @@ class Fp8:
     def scaled(self, factor: float) -> "Fp8":
         return Fp8(self.data, self.scale_inv.map(lambda s: s * factor), self.block)
 
+    def planned(self, name: str) -> list[tuple[str, "Lazy"]]:
+        """The stored tensors of weight `name`: its float8 data and block scale_inv."""
+        return [(name, self.data), (name + "_scale_inv", self.scale_inv)]
+
 
 def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
     if not isinstance(idx, tuple):
@@ -56,7 +60,7 @@ def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
 class Lazy:
     """A tensor not yet read: `shape`, `dtype`, and `load()` to get it."""
 
-    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin", "fp8", "parts")
+    __slots__ = ("shape", "dtype", "_load", "_load_slice", "origin", "form", "parts")
 
     def __init__(
         self,
@@ -65,14 +69,14 @@ class Lazy:
         load: Callable[[], torch.Tensor],
         load_slice: Callable[[tuple[tuple[int, int], ...]], torch.Tensor] | None = None,
         origin: str | None = None,
-        fp8: Fp8 | None = None,
+        form=None,
     ):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         self._load = load
         self._load_slice = load_slice
         self.origin = origin  # "key" when this is an untouched source tensor
-        self.fp8 = fp8  # its block-scaled FP8 form, where it still has one
+        self.form = form  # how it is stored quantized (fp8.Fp8 / int4.Int4), where it still can be
         self.parts: list[Lazy] | None = None  # pieces along dim 0 the writer streams one at a time (a fused tensor)
 
     def __repr__(self) -> str:
@@ -113,13 +117,13 @@ class Lazy:
         if all(r == (0, s) for r, s in zip(ranges, self.shape)):
             return self
         shape = [b - a for a, b in ranges]
-        fp8 = self.fp8.slice(ranges, self.shape) if self.fp8 is not None else None
+        form = self.form.slice(ranges, self.shape) if self.form is not None else None
         if self._load_slice is not None:
             parent_slice = self._load_slice
-            return Lazy(shape, self.dtype, lambda: parent_slice(ranges).contiguous(), None, fp8=fp8)
+            return Lazy(shape, self.dtype, lambda: parent_slice(ranges).contiguous(), None, form=form)
         parent = self.load
         sl = tuple(slice(a, b) for a, b in ranges)
-        return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), fp8=fp8)
+        return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), form=form)
 
     def select(self, j: int) -> "Lazy":
         """self[j] without its leading dim: one expert of a fused [E, ...] tensor, read as a slice."""
@@ -159,8 +163,8 @@ class Lazy:
         if factor == 1:
             return self
         out = self.map(lambda t: (t.float() * factor).to(t.dtype) if t.dtype != torch.float64 else t * factor)
-        if self.fp8 is not None:
-            out.fp8 = self.fp8.scaled(factor)
+        if self.form is not None:
+            out.form = self.form.scaled(factor)
         return out
 
     def to(self, dtype: torch.dtype) -> "Lazy":

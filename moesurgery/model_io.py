@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fp8, nesting
+from . import fp8, int4, nesting
 from .canonical import Model
 from .errors import BadInputError
 from .layouts import Layout, layout_for_config
@@ -60,12 +60,13 @@ def open_model(spec: str | Path) -> Opened:
         cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
         notes.append("config.json carries a quantization_config of kind gguf, left by dequantizing a GGUF: "
                      "the weights are plain floats and are read as the unquantized model (the output config drops it)")
-    block = fp8.block_size(cfg)
+    group = int4.group_size(cfg)
+    block = fp8.block_size(cfg) if group is None else None
     quantization = cfg.get("quantization_config")
-    if block is not None:  # block-scaled FP8: read dequantized, as the bf16 model it encodes
+    if block is not None or group is not None:  # FP8 / INT4: read dequantized, as the bf16 model it encodes
         cfg = fp8.unquantized_config(cfg)
     layout = layout_for_config(cfg)
-    reader = CheckpointReader(source.path, fp8_block=block)
+    reader = CheckpointReader(source.path, fp8_block=block, int4_group=group)
     stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
     if stray is not None:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
@@ -75,7 +76,7 @@ def open_model(spec: str | Path) -> Opened:
         cfg["tie_word_embeddings"] = "lm_head.weight" not in view  # the wrapper decides tying; the checkpoint shows it
     try:
         model = layout.read(cfg, view)
-        if block is not None:
+        if block is not None or group is not None:
             model = replace(model, quantization=quantization)
         if wrapper is not None:
             model = replace(model, wrapper=wrapper)
@@ -89,27 +90,31 @@ def open_model(spec: str | Path) -> Opened:
 
 
 def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
-    """(config, planned tensors, notes) of `model` written in `layout`: FP8 again where the source was
-    block-scaled FP8 and every linear weight kept its FP8 form, else plain."""
+    """(config, planned tensors, notes) of `model` written in `layout`: quantized again (FP8, INT4) where
+    the source was and every weight the format quantizes kept its stored form, else plain; inside the
+    source's multimodal wrapper if it had one."""
     config, tensors, notes = layout.write_config(model), layout.tensors(model), []
+    w = model.wrapper
+    if w is not None:
+        tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors]
     quantized = False
     if model.quantization:
-        kept, why = fp8.requantized(tensors)
+        kind = "INT4 (compressed-tensors pack-quantized)" if model.quantization.get("quant_method") == "compressed-tensors" else "block-scaled FP8"
+        kept, why = fp8.requantized(tensors, model.quantization)
         if kept is None:
-            notes.append(f"written in bf16 (the FP8 source is dequantized): {why}")
+            notes.append(f"written in bf16 (the {kind} source is dequantized): {why}")
+
         else:
             tensors, quantized = kept, True
-            notes.append("written as block-scaled FP8 like the source (weights + weight_scale_inv, its quantization_config)")
-    w = model.wrapper
+            notes.append(f"written as {kind} like the source (the same stored bytes on exact slices, its quantization_config)")
     if w is not None:  # the same wrapper around the new language model; the rest passes through as stored
         config = w.nest(config, tied=model.lm_head is None)
         target = config if "quantization_config" in w.moved else config["text_config"]
+        config.pop("quantization_config", None)
+        config["text_config"].pop("quantization_config", None)
         if quantized:
             target["quantization_config"] = model.quantization
-        else:
-            target.pop("quantization_config", None)
-            config.pop("quantization_config", None)
-        tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors] + [PlannedTensor(k, v) for k, v in w.passthrough.items()]
+        tensors += [PlannedTensor(k, v) for k, v in w.passthrough.items()]
         notes.append(f"inside its {w.architecture} wrapper: {len(w.passthrough)} tensors outside the language model "
                      f"(vision tower, projector...) carried byte for byte")
     elif quantized:

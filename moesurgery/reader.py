@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import fp8
+from . import fp8, int4
 from .errors import BadInputError
 from .lazy import Fp8, Lazy
 
@@ -82,9 +82,11 @@ class CheckpointReader:
     """Index of every tensor of a checkpoint directory; tensors are read on demand.
 
     fp8_block: the (b0, b1) blocks of a block-scaled FP8 checkpoint (fp8.block_size(config)): its
-    float8 weights are then read dequantized to bf16 and their `weight_scale_inv` tensors hidden."""
+    float8 weights are then read dequantized to bf16 and their `weight_scale_inv` tensors hidden.
+    int4_group: the group size of a compressed-tensors INT4 checkpoint (int4.group_size(config)): each
+    X.weight_packed / weight_scale / weight_shape triple is then read as a bf16 X.weight."""
 
-    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None):
+    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None):
         self.directory = Path(directory)
         self.files: list[Path] = []
         self.tensors: dict[str, TensorInfo] = {}
@@ -92,6 +94,8 @@ class CheckpointReader:
         self.fp8_block = fp8_block
         self.scales: dict[str, TensorInfo] = {}  # fp8 weight key -> its scale_inv (hidden from `tensors`)
         self.fp8_data: dict[str, TensorInfo] = {}  # fp8 weight key -> the stored float8 tensor
+        self.int4_group = int4_group
+        self.int4: dict[str, tuple[TensorInfo, TensorInfo, TensorInfo]] = {}  # weight key -> (packed, scale, shape) as stored
         index_path = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
         if index_path.exists():
@@ -112,6 +116,7 @@ class CheckpointReader:
                 raise BadInputError(f"{self.directory}: no safetensors weights found")
             self._scan(shards)
         self._pair_fp8()
+        self._pair_int4()
 
     # ---- indexing ------------------------------------------------------------------------------
     def _load_index(self, index_path: Path) -> None:
@@ -185,6 +190,30 @@ class CheckpointReader:
         for scale in self.scales.values():
             del self.tensors[scale.key]
 
+    def _pair_int4(self) -> None:
+        """Present each INT4 triple X.weight_packed / weight_scale / weight_shape as a bf16 X.weight."""
+        packed = [k for k in self.tensors if k.endswith("." + int4.PACKED)]
+        if self.int4_group is None:
+            if packed:
+                raise BadInputError(f"tensor {packed[0]} is INT4-packed but config.json has no compressed-tensors quantization_config")
+            return
+        g = self.int4_group
+        for key in packed:
+            base = key[: -len(int4.PACKED)]
+            parts = [self.tensors.get(base + n) for n in (int4.PACKED, int4.SCALE, int4.SHAPE)]
+            where = f"{parts[0].file.name}: tensor {key}"
+            if None in parts:
+                raise BadInputError(f"{where} has no {base}{int4.SCALE} / {base}{int4.SHAPE} beside it")
+            p, sc, sh = parts
+            rows, cols = sc.shape[0], sc.shape[1] * g if len(sc.shape) == 2 else -1
+            if p.dtype != torch.int32 or len(p.shape) != 2 or p.shape[0] != rows or p.shape[1] != -(-cols // int4.PACK):
+                raise BadInputError(f"{where}: shape {list(p.shape)} {p.dtype} does not pack {base}{int4.SCALE} {list(sc.shape)} in groups of {g}")
+            weight = base + "weight"
+            self.int4[weight] = (p, sc, sh)
+            self.tensors[weight] = TensorInfo(weight, p.file, (rows, cols), int4.DEQUANT_DTYPE, rows * cols * int4.DEQUANT_DTYPE.itemsize)
+            for info in parts:
+                del self.tensors[info.key]
+
     @staticmethod
     def _entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
         """Validate one header entry against its dtype, shape and the file's size."""
@@ -235,6 +264,8 @@ class CheckpointReader:
         info = self.info(key)
         if key in self.scales:
             return fp8.dequantize(self._read(key, info.file), self._read_scale(key), self.fp8_block)
+        if key in self.int4:
+            return self.get_ranges(key, ((0, info.shape[0]),))
         return self._read(key, info.file)
 
     def get_ranges(self, key: str, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -246,7 +277,23 @@ class CheckpointReader:
             rows = ranges[0] if ranges else None
             cols = ranges[1] if len(ranges) > 1 else None
             return fp8.dequantize(w8, self._read_scale(key), self.fp8_block, rows, cols)
+        if key in self.int4:
+            return self._int4_ranges(key, ranges)
         return self._read(key, info.file, sl)
+
+    def _int4_ranges(self, key: str, ranges) -> torch.Tensor:
+        """Rows r0:r1, columns c0:c1 of an INT4 weight: packed words and scales of whole groups, unpacked."""
+        p, sc, sh = self.int4[key]
+        g = self.int4_group
+        rows, cols = self.tensors[key].shape
+        (r0, r1), (c0, c1) = (tuple(ranges) + ((0, cols),))[:2]
+        stored = [int(v) for v in self._read(sh.key, sh.file).tolist()]
+        if stored != [rows, cols]:
+            raise BadInputError(f"{sh.file.name}: {sh.key} says {stored}, the packed tensors hold [{rows}, {cols}]")
+        a = c0 - c0 % g  # read from the group edge below c0
+        words = self._read(p.key, p.file, (slice(r0, r1), slice(a // int4.PACK, -(-c1 // int4.PACK))))
+        scale = self._read(sc.key, sc.file, (slice(r0, r1), slice(a // g, -(-c1 // g))))
+        return int4.dequantize(words, scale, c1 - a, g)[:, c0 - a :].contiguous()
 
     def lazy(self, key: str) -> Lazy:
         info = self.info(key)
@@ -256,11 +303,15 @@ class CheckpointReader:
             lambda: self.get(key),
             lambda ranges: self.get_ranges(key, ranges),
             origin=key,
-            fp8=self._fp8_form(key),
+            form=self._fp8_form(key),
         )
 
-    def _fp8_form(self, key: str) -> Fp8 | None:
-        """The raw float8 data and scale_inv of a dequantized weight (so it can be written back as FP8)."""
+    def _fp8_form(self, key: str):
+        """The stored form of a dequantized weight (so it can be written back quantized): the raw float8
+        data and scale_inv (FP8), or packed words and scales (INT4); None for any other tensor."""
+        if key in self.int4:
+            p, sc, sh = self.int4[key]
+            return int4.Int4(self._stored(p), self._stored(sc), self.int4_group, sh.dtype)
         if key not in self.scales:
             return None
         return Fp8(self._stored(self.fp8_data[key]), self._stored(self.scales[key]), self.fp8_block)
@@ -271,21 +322,35 @@ class CheckpointReader:
                     lambda r: self._read(info.key, info.file, tuple(slice(a, b) for a, b in r)), origin=info.key)
 
     # ---- tensors exactly as stored (pass-through of parts we do not interpret) -------------------
+    def _stored_infos(self) -> dict[str, TensorInfo]:
+        """name -> TensorInfo of every tensor exactly as stored (made once)."""
+        if getattr(self, "_stored_cache", None) is not None:
+            return self._stored_cache
+        out = {k: v for k, v in self.tensors.items() if k not in self.int4}
+        out.update({info.key: info for info in self.scales.values()})
+        out.update(self.fp8_data)
+        out.update({info.key: info for parts in self.int4.values() for info in parts})
+        self._stored_cache = out
+        return out
+
     def stored_keys(self) -> list[str]:
-        """Every tensor name in the files, FP8 scales included."""
-        return list(self.tensors) + [s.key for s in self.scales.values()]
+        """Every tensor name in the files, FP8 scales and INT4 parts included."""
+        return list(self._stored_infos())
 
     def stored(self, key: str) -> Lazy:
-        """`key` exactly as stored: float8 data for an FP8 weight, the scale tensor itself for a scale."""
-        info = self.fp8_data.get(key) or self.tensors.get(key) or next((s for s in self.scales.values() if s.key == key), None)
+        """`key` exactly as stored: float8 data for an FP8 weight, a scale or packed part itself."""
+        info = self._stored_infos().get(key)
         if info is None:
             raise BadInputError(f"{self.directory.name}: tensor {key} is missing")
         return self._stored(info)
 
     def stored_owner(self, key: str) -> str:
-        """The weight a stored scale belongs to (itself for any other tensor)."""
+        """The weight a stored scale or packed part belongs to (itself for any other tensor)."""
         if key.endswith(fp8.SCALE_SUFFIX) and key[: -len(fp8.SCALE_SUFFIX)] in self.scales:
             return key[: -len(fp8.SCALE_SUFFIX)]
+        for part in (int4.PACKED, int4.SCALE, int4.SHAPE):
+            if key.endswith("." + part) and key[: -len(part)] + "weight" in self.int4:
+                return key[: -len(part)] + "weight"
         return key
 
     @property
@@ -295,9 +360,8 @@ class CheckpointReader:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes of tensor data on disk (FP8 weights and their scales as stored)."""
-        fp8 = sum(self.fp8_data[k].nbytes + self.scales[k].nbytes - self.tensors[k].nbytes for k in self.scales)
-        return self.total_bytes + fp8
+        """Bytes of tensor data on disk (quantized weights and their scales as stored)."""
+        return sum(t.nbytes for t in self._stored_infos().values())
 
     def dtypes(self) -> dict[str, int]:
         """bytes per dtype name"""

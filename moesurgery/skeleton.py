@@ -42,7 +42,7 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
         if block is None:
             return t(*shape)
         return Lazy(shape, dtype, _placeholder(shape, dtype).load,
-                    fp8=Fp8(_placeholder(shape, torch.float8_e4m3fn), _placeholder(fp8.scale_shape(shape, block), torch.float32), block))
+                    form=Fp8(_placeholder(shape, torch.float8_e4m3fn), _placeholder(fp8.scale_shape(shape, block), torch.float32), block))
 
     def swiglu(width):
         return SwiGLU(w(width, H), w(width, H), w(H, width))
@@ -83,7 +83,7 @@ def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bf
     model = skeleton(config, dtype)
     tensors = layout_for_config(config).tensors(model)
     if fp8.block_size(config) is not None:  # stored as the FP8 checkpoint: float8 weights + weight_scale_inv
-        tensors, _ = fp8.requantized(tensors)
+        tensors, _ = fp8.requantized(tensors, config["quantization_config"])
     header = _header_bytes(tensors, provenance("skeleton", "config"))
     with open(path / SINGLE_NAME, "wb") as f:
         f.write(header)

@@ -188,3 +188,50 @@ def lineage_logits(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = load_lineage(path)
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+# ------------------------------------------------------------------------------------ INT4
+def int4_quantization_config(group: int) -> dict:
+    """Kimi K2-Thinking's quantization_config (routed experts INT4, everything else bf16), group `group`."""
+    return {
+        "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
+                                      "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group,
+                                                  "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                                                  "symmetric": True, "type": "int"}}},
+        "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
+def make_int4(source: Path, path: Path, group: int = 16) -> Path:
+    """An INT4 copy of the bf16 checkpoint `source`: its routed experts quantized by compressed-tensors' own
+    code (symmetric, per group of `group` inputs), as Kimi K2-Thinking ships; returns `path`."""
+    import shutil
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    shutil.copytree(source, path)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group",
+                                                                             group_size=group))
+    out = {}
+    for key, w in load_file(str(Path(source) / "model.safetensors")).items():
+        if ".mlp.experts." in key and key.endswith("_proj.weight"):
+            w = w.to(torch.bfloat16)
+            g = w.unflatten(-1, (w.shape[-1] // group, group))
+            scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), scheme.weights)
+            parts = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+            out.update({f"{key[: -len('.weight')]}.{n}": t.contiguous() for n, t in parts.items()})
+        else:
+            out[key] = w.to(torch.bfloat16) if w.is_floating_point() and "e_score_correction_bias" not in key else w
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(quantization_config=int4_quantization_config(group), torch_dtype="bfloat16", dtype="bfloat16")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path

@@ -222,13 +222,13 @@ def test_fp8_form_survives_slices_on_the_grid_and_dequantizes_to_the_slice(rows,
     g = torch.Generator().manual_seed(rows * 71 + cols)
     w8, s = quantize(torch.randn(rows, cols, generator=g), (b0, b1))
     full = dequantize(w8, s, (b0, b1))
-    lazy = Lazy(full.shape, full.dtype, lambda: full, fp8=Fp8(Lazy.of(w8), Lazy.of(s), (b0, b1)))
+    lazy = Lazy(full.shape, full.dtype, lambda: full, form=Fp8(Lazy.of(w8), Lazy.of(s), (b0, b1)))
     (r0, r1), (c0, c1) = sorted((min(r[0], rows), min(r[1], rows))), sorted((min(c[0], cols), min(c[1], cols)))
     part = lazy[r0:r1, c0:c1].scale(factor)
     on_grid = all(a % b == 0 and (e % b == 0 or e == n) for a, e, b, n in ((r0, r1, b0, rows), (c0, c1, b1, cols)))
     full_slice = (r0, r1) == (0, rows) and (c0, c1) == (0, cols)
-    assert (part.fp8 is not None) == (on_grid or full_slice)
-    if part.fp8 is not None and r1 > r0 and c1 > c0:
-        got = dequantize(part.fp8.data.load(), part.fp8.scale_inv.load(), (b0, b1))
+    assert (part.form is not None) == (on_grid or full_slice)
+    if part.form is not None and r1 > r0 and c1 > c0:
+        got = dequantize(part.form.data.load(), part.form.scale_inv.load(), (b0, b1))
         want = (full[r0:r1, c0:c1].float() * factor).to(torch.bfloat16)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=0)
