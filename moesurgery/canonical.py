@@ -14,7 +14,7 @@ from typing import Literal, Union
 from .lazy import Lazy
 
 
-@dataclass
+@dataclass(slots=True)
 class SwiGLU:
     """down(silu(gate x) * up x): a dense FFN, one expert, or the (concatenated) shared experts."""
 
@@ -143,7 +143,7 @@ class Arch:
         return float(beta), int(r.get("original_max_position_embeddings") or self.max_position_embeddings)
 
 
-@dataclass
+@dataclass(slots=True)
 class Layer:
     index: int
     attn: dict[str, Lazy]  # "self_attn.q_proj.weight", "input_layernorm.weight", ... (untouched)

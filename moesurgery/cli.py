@@ -9,6 +9,7 @@ at start-up: `--help` and usage errors answer at once; commands import the libra
 
 from __future__ import annotations
 
+import gc
 import json
 import shlex
 import sys
@@ -529,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(argv) if argv is not None else sys.argv[1:]
     json_mode = "--json" in args
     state["json_emitted"] = False
+    gc_thresholds = gc.get_threshold()
+    gc.set_threshold(700, 10, 1000)  # a 1T-model plan holds ~1M small objects, none cyclic: no full collection every few 100k
+
     handlers = install_signal_handlers()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moesurgery")
@@ -562,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_UNEXPECTED, f"unexpected {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", json_mode)
     finally:
         _restore(handlers)
+        gc.set_threshold(*gc_thresholds)
 
 
 def entry() -> None:

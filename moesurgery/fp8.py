@@ -76,7 +76,10 @@ def requantized(tensors: list, quantization: dict) -> tuple[list | None, str | N
     out = []
     for t in tensors:
         if t.tensor.form is not None and must(t.name):
-            out += [PlannedTensor(n, v) for n, v in t.tensor.form.planned(t.name)]
+            (name, stored), *more = t.tensor.form.planned(t.name)
+            t.name, t.tensor = name, stored  # the planned entry becomes the stored tensor (fewer objects at 1M tensors)
+            out.append(t)
+            out += [PlannedTensor(n, v) for n, v in more]
         else:
             out.append(t)
     return out, None

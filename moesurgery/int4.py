@@ -25,7 +25,7 @@ import re
 import torch
 
 from .errors import BadInputError
-from .lazy import Lazy
+from .lazy import Lazy, StoredForm
 
 PACKED, SCALE, SHAPE = "weight_packed", "weight_scale", "weight_shape"
 PACK = 8  # int4 values per int32 word
@@ -65,29 +65,46 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, cols: int, group: int)
     return (q.float() * s.float()).to(scale.dtype if scale.dtype.is_floating_point else DEQUANT_DTYPE)
 
 
-class Int4:
-    """How a Lazy (the dequantized bf16 view) is stored packed: its packed words, scales and group."""
+class Int4(StoredForm):
+    """How a Lazy (the dequantized view) is stored packed: its packed words, scales and group size."""
 
-    __slots__ = ("packed", "scale", "group", "shape_dtype")
+    __slots__ = ("group", "shape_dtype")
 
-    def __init__(self, packed: Lazy, scale: Lazy, group: int, shape_dtype: torch.dtype = torch.int64):
-        self.packed, self.scale, self.group, self.shape_dtype = packed, scale, group, shape_dtype
+    def __init__(self, packed, scale, group: int, shape_dtype: torch.dtype = torch.int64, shape: tuple[int, int] | None = None,
+                 dtypes: tuple | None = None):
+        """packed, scale: the stored tensors (Lazy, or zero-argument factories of them with `shape` [out, in] and
+        `dtypes` given)."""
+        if shape is None:
+            shape = (packed.shape[0], scale.shape[1] * group)
+        super().__init__((packed, scale), None, 1.0, tuple(shape), dtypes)
+        self.group, self.shape_dtype = group, shape_dtype
 
-    def slice(self, ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> "Int4 | None":
-        """Rows any range; input columns only on the group grid (or to the end)."""
-        (r0, r1), (c0, c1) = (tuple(ranges) + ((0, shape[1]),))[:2]
-        g = self.group
-        if c0 % g or (c1 % g and c1 != shape[1]):
-            return None
-        return Int4(self.packed[r0:r1, c0 // PACK : -(-c1 // PACK)], self.scale[r0:r1, c0 // g : -(-c1 // g)], g, self.shape_dtype)
+    def _copy_from(self, other) -> None:
+        self.group, self.shape_dtype = other.group, other.shape_dtype
 
-    def scaled(self, factor: float) -> "Int4":
-        return Int4(self.packed, self.scale.map(lambda s: (s.float() * factor).to(s.dtype)), self.group, self.shape_dtype)
+    def grid(self):
+        return (1, self.group)
+
+    def part_ranges(self, i: int) -> tuple:
+        (r0, r1), (c0, c1) = self.ranges
+        per = PACK if i == 0 else self.group  # packed words / scale groups per input column
+        return (r0, r1), (c0 // per, -(-c1 // per))
+
+    def scale_part(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * self.factor).to(t.dtype)
+
+    @property
+    def packed(self) -> Lazy:
+        return self._part(0)
+
+    @property
+    def scale(self) -> Lazy:
+        return self._part(1)
 
     def planned(self, name: str) -> list[tuple[str, Lazy]]:
         base = name[: -len(".weight")]
-        rows, cols = self.packed.shape[0], self.scale.shape[1] * self.group
-        shape = torch.tensor([rows, cols], dtype=self.shape_dtype)
+        (r0, r1), (c0, c1) = self.ranges
+        shape = torch.tensor([r1 - r0, c1 - c0], dtype=self.shape_dtype)
         return [(f"{base}.{PACKED}", self.packed), (f"{base}.{SCALE}", self.scale), (f"{base}.{SHAPE}", Lazy.of(shape))]
 
 

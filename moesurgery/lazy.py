@@ -14,34 +14,155 @@ import torch
 Index = tuple  # a tuple of slices, one per leading dim
 
 
-class Fp8:
-    """How a Lazy (the dequantized bf16 view) is stored as block-scaled FP8: the float8 data, its
-    scale_inv and the block size. Carried through row/column slices on block boundaries and through
-    scaling (the scale absorbs the factor), so such tensors can be written back as FP8."""
+# Small callables in place of closures: a 1T-parameter plan holds a million of them.
+class Call:
+    """fn(*args, *more), with fn an unbound function (no bound-method object kept)."""
 
-    __slots__ = ("data", "scale_inv", "block")
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self, *more):
+        return self.fn(*self.args, *more)
+
+
+class _SliceOf:
+    __slots__ = ("load_slice", "ranges")
+
+    def __init__(self, load_slice, ranges):
+        self.load_slice, self.ranges = load_slice, ranges
+
+    def __call__(self):
+        return self.load_slice(self.ranges).contiguous()
+
+
+class _PartOf:
+    """Stored tensor i of a form, restricted to the form's rectangle (its scales: to the blocks / groups)."""
+
+    __slots__ = ("form", "i")
+
+    def __init__(self, form, i):
+        self.form, self.i = form, i
+
+    def __call__(self):
+        f = self.form
+        t = _resolve(f.base[self.i])[tuple(slice(a, b) for a, b in f.part_ranges(self.i))].load()
+        return t if f.factor == 1 or self.i == 0 else f.scale_part(t)
+
+
+class _Scaled:
+    __slots__ = ("load", "factor")
+
+    def __init__(self, load, factor):
+        self.load, self.factor = load, factor
+
+    def __call__(self):
+        t = self.load()
+        return (t.float() * self.factor).to(t.dtype) if t.dtype != torch.float64 else t * self.factor
+
+
+class StoredForm:
+    """How a Lazy (the dequantized view) is stored quantized: a rectangle (`ranges`) of a stored tensor,
+    times `factor`. Carried through slices that keep whole blocks / groups and through scaling (the
+    scales absorb the factor); its tensors are made only when written (`planned`), so the form of each
+    of a 1T model's 100k weights costs a few tuples. Subclasses say the grid and the stored tensors."""
+
+    __slots__ = ("base", "ranges", "factor", "full", "dtypes")
+
+    def __init__(self, base, ranges: tuple[tuple[int, int], ...] | None = None, factor: float = 1.0, full: tuple[int, int] | None = None,
+                 dtypes: tuple | None = None):
+        self.base = base  # what `planned` reads from (Lazies, or factories of them, resolved when written)
+        self.full = full  # the stored tensor's (rows, cols)
+        self.ranges = ranges if ranges is not None else tuple((0, n) for n in full)
+        self.factor = factor
+        self.dtypes = dtypes if dtypes is not None else tuple(b.dtype for b in base)  # of the stored tensors
+
+    def grid(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def slice(self, ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> "StoredForm | None":
+        """The form of rows/cols `ranges` (relative to this view), or None unless every range starts on the
+        grid and ends on it (or at the end of the stored tensor)."""
+        new = []
+        grid = self.grid()
+        for dim, (r0, _) in enumerate(self.ranges):
+            a, b = ranges[dim] if dim < len(ranges) else (0, shape[dim])
+            a, b = r0 + a, r0 + b  # absolute in the stored tensor
+            g = grid[dim]
+            if a % g or (b % g and b != self.full[dim]):
+                return None
+            new.append((a, b))
+        new = tuple(new)
+        return self._with(ranges if new == ranges else new, self.factor)  # the caller's tuple when equal: one less per slice
+
+    def scaled(self, factor: float) -> "StoredForm":
+        return self._with(self.ranges, self.factor * factor)
+
+    def _with(self, ranges, factor) -> "StoredForm":
+        out = type(self).__new__(type(self))
+        out.base, out.ranges, out.factor, out.full, out.dtypes = self.base, ranges, factor, self.full, self.dtypes
+        out._copy_from(self)
+        return out
+
+    def _part(self, i: int) -> "Lazy":
+        """Stored tensor i restricted to this form's rectangle, without reading or slicing anything until loaded."""
+        return Lazy(tuple(b - a for a, b in self.part_ranges(i)), self.dtypes[i], _PartOf(self, i))
+
+    def part_ranges(self, i: int) -> tuple:
+        raise NotImplementedError
+
+    def scale_part(self, t: torch.Tensor) -> torch.Tensor:
+        """The scales of stored tensor t, times the factor."""
+        return t * self.factor
+
+    def _copy_from(self, other) -> None:
+        pass
+
+
+class Fp8(StoredForm):
+    """Block-scaled FP8: float8 data [rows, cols] and a float32 scale_inv per b0 x b1 block."""
+
+    __slots__ = ("block",)
 
     def __init__(self, data: "Lazy", scale_inv: "Lazy", block: tuple[int, int]):
-        self.data, self.scale_inv, self.block = data, scale_inv, block
+        super().__init__((data, scale_inv), None, 1.0, tuple(data.shape))
+        self.block = block
 
-    def slice(self, ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> "Fp8 | None":
-        """The FP8 form of rows/cols `ranges`, or None unless every range starts on a block edge and
-        ends on one (or at the end of the tensor)."""
-        scale_ranges = []
-        for (a, b), size, blk in zip(ranges, shape, self.block):
-            if a % blk or (b % blk and b != size):
-                return None
-            scale_ranges.append((a // blk, -(-b // blk)))
-        ranges2 = tuple(ranges) + tuple((0, s) for s in shape[len(ranges):])
-        sl = tuple(slice(a, b) for a, b in ranges2)
-        return Fp8(self.data[sl], self.scale_inv[tuple(slice(a, b) for a, b in scale_ranges)], self.block)
+    @classmethod
+    def stored(cls, data, scale_inv, block, shape: tuple[int, int], dtypes: tuple) -> "Fp8":
+        """The form of a whole stored weight; data, scale_inv: zero-argument factories of its stored tensors."""
+        out = cls.__new__(cls)
+        StoredForm.__init__(out, (data, scale_inv), None, 1.0, tuple(shape), dtypes)
+        out.block = block
+        return out
 
-    def scaled(self, factor: float) -> "Fp8":
-        return Fp8(self.data, self.scale_inv.map(lambda s: s * factor), self.block)
+    def _copy_from(self, other) -> None:
+        self.block = other.block
+
+    def grid(self):
+        return self.block
+
+    def part_ranges(self, i: int) -> tuple:
+        if i == 0:
+            return self.ranges
+        return tuple((a // blk, -(-b // blk)) for (a, b), blk in zip(self.ranges, self.block))
+
+    @property
+    def data(self) -> "Lazy":
+        return self._part(0)
+
+    @property
+    def scale_inv(self) -> "Lazy":
+        return self._part(1)
 
     def planned(self, name: str) -> list[tuple[str, "Lazy"]]:
         """The stored tensors of weight `name`: its float8 data and block scale_inv."""
         return [(name, self.data), (name + "_scale_inv", self.scale_inv)]
+
+
+def _resolve(base) -> "Lazy":
+    return base if isinstance(base, Lazy) else base()
 
 
 def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -49,9 +170,16 @@ def _norm_slices(idx, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
         idx = (idx,)
     out = []
     for dim, size in enumerate(shape):
-        s = idx[dim] if dim < len(idx) else slice(None)
-        if not isinstance(s, slice) or s.step not in (None, 1):
+        s = idx[dim] if dim < len(idx) else None
+        if s is None:
+            out.append((0, size))
+            continue
+        if type(s) is not slice or s.step not in (None, 1):
             raise TypeError("Lazy supports contiguous slices only")
+        a, b = s.start, s.stop
+        if type(a) is int and type(b) is int and 0 <= a <= b <= size:  # the common case, without slice.indices
+            out.append((a, b))
+            continue
         start, stop, _ = s.indices(size)
         out.append((start, max(start, stop)))
     return tuple(out)
@@ -71,7 +199,7 @@ class Lazy:
         origin: str | None = None,
         form=None,
     ):
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = shape if type(shape) is tuple else tuple(int(s) for s in shape)
         self.dtype = dtype
         self._load = load
         self._load_slice = load_slice
@@ -120,7 +248,7 @@ class Lazy:
         form = self.form.slice(ranges, self.shape) if self.form is not None else None
         if self._load_slice is not None:
             parent_slice = self._load_slice
-            return Lazy(shape, self.dtype, lambda: parent_slice(ranges).contiguous(), None, form=form)
+            return Lazy(shape, self.dtype, _SliceOf(parent_slice, ranges), None, form=form)
         parent = self.load
         sl = tuple(slice(a, b) for a, b in ranges)
         return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), form=form)
@@ -162,7 +290,7 @@ class Lazy:
     def scale(self, factor: float) -> "Lazy":
         if factor == 1:
             return self
-        out = self.map(lambda t: (t.float() * factor).to(t.dtype) if t.dtype != torch.float64 else t * factor)
+        out = Lazy(self.shape, self.dtype, _Scaled(self.load, factor))
         if self.form is not None:
             out.form = self.form.scaled(factor)
         return out
@@ -172,7 +300,9 @@ class Lazy:
             return self
         return self.map(lambda t: t.to(dtype), dtype=dtype)
 
-    def index_select(self, dim: int, index: torch.Tensor) -> "Lazy":
+    def index_select(self, dim: int, index) -> "Lazy":
+        if isinstance(index, range) and index.step == 1:  # contiguous neurons: a slice (no torch work)
+            return self[index.start : index.stop] if dim == 0 else self[:, index.start : index.stop]
         index = torch.as_tensor(index, dtype=torch.long)
         if dim == 0 and index.numel() and bool((index[1:] - index[:-1] == 1).all()):
             return self[int(index[0]) : int(index[-1]) + 1]

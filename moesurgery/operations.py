@@ -129,6 +129,11 @@ def check_recipe_model(recipe_model: dict | None, opened: Opened) -> None:
     if not recipe_model:
         return
     cfg = opened.config
+    wrapper = opened.model.wrapper
+    if wrapper is not None:  # a wrapper recipe: its model_type against the wrapper, its text_config against the language model
+        if recipe_model.get("model_type", wrapper.model_type) != wrapper.model_type:
+            raise UsageError(f"--recipe is written for a {recipe_model['model_type']} model; the source is a {wrapper.model_type}")
+        recipe_model = recipe_model.get("text_config", {})
     for key, want in recipe_model.items():  # the model's identity and dimensions (rope and other settings vary in form)
         if not (key == "model_type" or (isinstance(want, int) and not isinstance(want, bool))):
             continue

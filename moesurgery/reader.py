@@ -7,6 +7,7 @@ again, so no mapping of a whole shard stays resident: memory is bounded by the t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from safetensors import safe_open
 
 from . import fp8, int4
 from .errors import BadInputError
-from .lazy import Fp8, Lazy
+from .lazy import Call, Fp8, Lazy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -46,12 +47,44 @@ def _read_header(path: Path) -> tuple[dict, int]:
             n = int.from_bytes(raw, "little")
             if n <= 0 or n > 100_000_000:
                 raise BadInputError(f"{path.name}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
+            header = _parse_header(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"{path.name}: unreadable safetensors header ({e.__class__.__name__})") from e
     if not isinstance(header, dict):
         raise BadInputError(f"{path.name}: unreadable safetensors header")
     return header, path.stat().st_size - 8 - n
+
+
+# One tensor entry as safetensors writes it ({"dtype", "shape", "data_offsets"} in this order, no spaces):
+# matched one at a time, a 140k-tensor header parses without the ~100 MB of dicts json.loads builds.
+_ENTRY = re.compile(rb'"((?:[^"\\]|\\.)*)":\{"dtype":"([A-Z0-9_]+)","shape":\[([0-9,]*)\],"data_offsets":\[([0-9]+),([0-9]+)\]\},?')
+
+
+def _parse_header(raw: bytes) -> dict:
+    """The header as {name: entry} (and "__metadata__"), an entry a (dtype, shape, data_offsets) tuple from
+    a regex scan of the canonical form, or json.loads' dict for anything else."""
+    text = raw.rstrip(b" ")
+    if not (text.startswith(b"{") and text.endswith(b"}")):
+        return json.loads(raw)
+    body, out, pos = text[1:-1], {}, 0
+    if body.startswith(b'"__metadata__":{'):
+        end = body.find(b"},", 16)
+        if end < 0 or b"{" in body[16:end]:
+            return json.loads(raw)
+        out["__metadata__"] = json.loads(body[15 : end + 1])
+        pos = end + 2
+    for m in _ENTRY.finditer(body, pos):
+        if m.start() != pos:
+            return json.loads(raw)  # not the canonical form: the general parser
+        key, dtype, shape, a, b = m.groups()
+        name = json.loads(b'"' + key + b'"') if b"\\" in key else key.decode()
+        if name in out:
+            return json.loads(raw)
+        out[name] = (dtype.decode(), tuple(int(d) for d in shape.split(b",")) if shape else (), (int(a), int(b)))  # a compact entry
+        pos = m.end()
+    if pos != len(body):
+        return json.loads(raw)
+    return out
 
 
 def _plain_name(name: str) -> bool:
@@ -218,11 +251,15 @@ class CheckpointReader:
     def _entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
         """Validate one header entry against its dtype, shape and the file's size."""
         try:
-            dtype = DTYPES[entry["dtype"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = [int(d) for d in entry["shape"]]
-            if not isinstance(entry["data_offsets"], list) or not isinstance(entry["shape"], list):
-                raise TypeError
+            if isinstance(entry, tuple):  # the canonical form, already parsed to ints
+                name, shape, (begin, end) = entry
+                dtype = DTYPES[name]
+            else:
+                dtype = DTYPES[entry["dtype"]]
+                begin, end = (int(x) for x in entry["data_offsets"])
+                shape = [int(d) for d in entry["shape"]]
+                if not isinstance(entry["data_offsets"], list) or not isinstance(entry["shape"], list):
+                    raise TypeError
         except (KeyError, TypeError, ValueError):
             raise BadInputError(f"{path.name}: tensor {key} has an unsupported or malformed header entry") from None
         numel = 1
@@ -300,8 +337,8 @@ class CheckpointReader:
         return Lazy(
             info.shape,
             info.dtype,
-            lambda: self.get(key),
-            lambda ranges: self.get_ranges(key, ranges),
+            Call(CheckpointReader.get, self, key),
+            Call(CheckpointReader.get_ranges, self, key),
             origin=key,
             form=self._fp8_form(key),
         )
@@ -311,15 +348,21 @@ class CheckpointReader:
         data and scale_inv (FP8), or packed words and scales (INT4); None for any other tensor."""
         if key in self.int4:
             p, sc, sh = self.int4[key]
-            return int4.Int4(self._stored(p), self._stored(sc), self.int4_group, sh.dtype)
+            return int4.Int4(Call(CheckpointReader._stored, self, p), Call(CheckpointReader._stored, self, sc), self.int4_group, sh.dtype, self.tensors[key].shape,
+                             (p.dtype, sc.dtype))
         if key not in self.scales:
             return None
-        return Fp8(self._stored(self.fp8_data[key]), self._stored(self.scales[key]), self.fp8_block)
+        data, scale = self.fp8_data[key], self.scales[key]
+        return Fp8.stored(Call(CheckpointReader._stored, self, data), Call(CheckpointReader._stored, self, scale), self.fp8_block, data.shape,
+                          (data.dtype, scale.dtype))
 
     def _stored(self, info: TensorInfo) -> Lazy:
         """A tensor exactly as stored (no dequantization), sliced with get_slice."""
-        return Lazy(info.shape, info.dtype, lambda: self._read(info.key, info.file),
-                    lambda r: self._read(info.key, info.file, tuple(slice(a, b) for a, b in r)), origin=info.key)
+        return Lazy(info.shape, info.dtype, Call(CheckpointReader._read, self, info.key, info.file),
+                    Call(CheckpointReader._read_ranges, self, info.key, info.file), origin=info.key)
+
+    def _read_ranges(self, key: str, file: Path, ranges) -> torch.Tensor:
+        return self._read(key, file, tuple(slice(a, b) for a, b in ranges))
 
     # ---- tensors exactly as stored (pass-through of parts we do not interpret) -------------------
     def _stored_infos(self) -> dict[str, TensorInfo]:

@@ -1,8 +1,11 @@
 """Checkpoints with the right names and shapes but no data, from a config alone.
 
 `write_skeleton(config, path)` writes config.json and a *sparse* model.safetensors (headers only;
-the data region is a hole that takes no disk), so a plan (`--dry-run`) for a 100 GB model can be
-made and tested without its weights.
+the data region is a hole that takes no disk), so a plan (`--dry-run`) for a 1T-parameter model can
+be made and tested without its weights. Every layout's tensors come from its own writer; the
+skeleton supplies the shapes: GQA or MLA attention (with the sparse-attention indexer), dense and
+MoE FFNs, FP8 (block scales) or INT4 (packed words + group scales) where the config says so, and a
+multimodal wrapper (the language model under its prefix, a placeholder vision tower beside it).
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .canonical import Layer, Model, MoE, SwiGLU
-from . import fp8
+from . import fp8, int4, nesting
+from .canonical import Arch, Layer, Model, MoE, SwiGLU
 from .lazy import Fp8, Lazy
 from .layouts import layout_for_config
 from .reader import SINGLE_NAME
-from .writer import _header_bytes, provenance
+from .writer import PlannedTensor, _header_bytes, provenance
 
 
 def _placeholder(shape, dtype) -> Lazy:
@@ -27,63 +30,101 @@ def _placeholder(shape, dtype) -> Lazy:
     return Lazy(shape, dtype, no_data)
 
 
+def attention_shapes(arch: Arch, index: int) -> dict[str, tuple]:
+    """Attention tensors (relative to the layer) and their shapes; "linear" ones are weights quantized formats hold."""
+    H = arch.hidden_size
+    out = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+    if arch.attention == "mla":
+        m, h = arch.mla, arch.num_heads
+        qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+        if m.get("q_lora_rank"):
+            out.update({"self_attn.q_a_proj.weight": (m["q_lora_rank"], H), "self_attn.q_a_layernorm.weight": (m["q_lora_rank"],),
+                        "self_attn.q_b_proj.weight": (h * qk, m["q_lora_rank"])})
+        else:
+            out["self_attn.q_proj.weight"] = (h * qk, H)
+        out.update({"self_attn.kv_a_proj_with_mqa.weight": (m["kv_lora_rank"] + m["qk_rope_head_dim"], H),
+                    "self_attn.kv_a_layernorm.weight": (m["kv_lora_rank"],),
+                    "self_attn.kv_b_proj.weight": (h * (m["qk_nope_head_dim"] + m["v_head_dim"]), m["kv_lora_rank"]),
+                    "self_attn.o_proj.weight": (H, h * m["v_head_dim"])})
+        ix = arch.indexer
+        if ix and ix["types"][index] == "full":
+            D = ix["head_dim"]
+            out.update({"self_attn.indexer.wq_b.weight": (ix["heads"] * D, m["q_lora_rank"]), "self_attn.indexer.wk.weight": (D, H),
+                        "self_attn.indexer.k_norm.weight": (D,), "self_attn.indexer.k_norm.bias": (D,),
+                        "self_attn.indexer.weights_proj.weight": (ix["heads"], H)})
+        return out
+    d, q, kv = arch.head_dim, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    out.update({"self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H), "self_attn.v_proj.weight": (kv, H),
+                "self_attn.o_proj.weight": (H, q)})
+    if arch.qkv_bias:
+        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if arch.o_bias:
+        out["self_attn.o_proj.bias"] = (H,)
+    if arch.qk_norm == "head":
+        out.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    elif arch.qk_norm == "full":
+        out.update({"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)})
+    return out
+
+
 def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
-    layout = layout_for_config(config)
-    arch = layout.read_arch(config)
-    if arch.attention != "gqa":
-        raise ValueError("skeletons are built for GQA attention only")
-    H, d = arch.hidden_size, arch.head_dim
-    block = fp8.block_size(config)  # block-scaled FP8 (config's quantization_config): linear weights carry an FP8 form
+    """The weightless canonical model of `config` (a wrapper config reads its text_config)."""
+    text = nesting.unwrap_config(config)[0] if nesting.text_config_of(config) else config
+    quant = text.get("quantization_config")
+    block = fp8.block_size(text) if quant and quant.get("quant_method") == "fp8" else None
+    group = int4.group_size(text)
+    text = fp8.unquantized_config(text) if quant else text
+    layout = layout_for_config(text)
+    arch = layout.read_arch(text)
+    H = arch.hidden_size
 
     def t(*shape):
         return _placeholder(shape, dtype)
 
-    def w(*shape):  # a linear weight
-        if block is None:
-            return t(*shape)
-        return Lazy(shape, dtype, _placeholder(shape, dtype).load,
-                    form=Fp8(_placeholder(shape, torch.float8_e4m3fn), _placeholder(fp8.scale_shape(shape, block), torch.float32), block))
+    def w(*shape):  # a linear weight: it carries the stored form a quantized checkpoint gives it
+        out = t(*shape)
+        if block is not None:
+            out.form = Fp8.stored(lambda: _placeholder(shape, torch.float8_e4m3fn), lambda: _placeholder(fp8.scale_shape(shape, block), torch.float32),
+                                  block, shape, (torch.float8_e4m3fn, torch.float32))
+        elif group is not None and shape[1] % group == 0:
+            out.form = int4.Int4(lambda: _placeholder((shape[0], -(-shape[1] // int4.PACK)), torch.int32),
+                                 lambda: _placeholder((shape[0], shape[1] // group), dtype), group, shape=shape, dtypes=(torch.int32, dtype))
+        return out
 
     def swiglu(width):
         return SwiGLU(w(width, H), w(width, H), w(H, width))
 
-    spec = layout.read_moe_spec(config) if layout.moe else None
+    spec = layout.read_moe_spec(text) if layout.moe else None
     layers = []
     for i in range(arch.num_layers):
-        attn = {
-            "input_layernorm.weight": t(H),
-            "post_attention_layernorm.weight": t(H),
-            "self_attn.q_proj.weight": w(arch.num_heads * d, H),
-            "self_attn.k_proj.weight": w(arch.num_kv_heads * d, H),
-            "self_attn.v_proj.weight": w(arch.num_kv_heads * d, H),
-            "self_attn.o_proj.weight": w(H, arch.num_heads * d),
-        }
-        if arch.qkv_bias:
-            attn.update({"self_attn.q_proj.bias": t(arch.num_heads * d), "self_attn.k_proj.bias": t(arch.num_kv_heads * d), "self_attn.v_proj.bias": t(arch.num_kv_heads * d)})
-        if arch.o_bias:
-            attn["self_attn.o_proj.bias"] = t(H)
-        if arch.qk_norm == "head":
-            attn.update({"self_attn.q_norm.weight": t(d), "self_attn.k_norm.weight": t(d)})
-        if spec is not None and layout.is_moe_layer(config, i):
+        attn = {k: (w(*s) if len(s) == 2 else t(*s)) for k, s in attention_shapes(arch, i).items()}
+        if spec is not None and layout.is_moe_layer(text, i):
             r = spec.router
             router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H), "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias else None})
             shared = swiglu(spec.shared_width) if spec.shared_width else None
             gate = t(1, H) if shared is not None and layout.shared_gate_key else None
             ffn = MoE(router, [swiglu(spec.expert_width) for _ in range(spec.num_experts)], shared, gate)
         else:
-            ffn = swiglu(int(config["intermediate_size"]))
+            ffn = swiglu(int(text["intermediate_size"]))
         layers.append(Layer(i, attn, ffn))
     lm_head = None if arch.tie_word_embeddings else t(arch.vocab_size, H)
-    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(config))
+    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), quantization=quant)
 
 
 def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = skeleton(config, dtype)
-    tensors = layout_for_config(config).tensors(model)
-    if fp8.block_size(config) is not None:  # stored as the FP8 checkpoint: float8 weights + weight_scale_inv
-        tensors, _ = fp8.requantized(tensors, config["quantization_config"])
+    text = nesting.unwrap_config(config)[0] if nesting.text_config_of(config) else config
+    tensors = layout_for_config(text).tensors(model)
+    if nesting.text_config_of(config):  # the language model under the wrapper's prefix, a placeholder vision tower beside it
+        prefix = "language_model.model."
+        tensors = [PlannedTensor("language_model.lm_head.weight" if p.name == "lm_head.weight" else prefix + p.name[len("model."):], p.tensor)
+                   for p in tensors]
+        vision = (config.get("vision_config") or {}).get("hidden_size", 1024)
+        tensors.append(PlannedTensor("vision_tower.patch_embed.proj.weight", _placeholder((vision, 3, 14, 14), dtype)))
+    if model.quantization:  # stored as the quantized checkpoint: FP8 + weight_scale_inv, or INT4 packed + scales
+        tensors, _ = fp8.requantized(tensors, model.quantization)
     header = _header_bytes(tensors, provenance("skeleton", "config"))
     with open(path / SINGLE_NAME, "wb") as f:
         f.write(header)

@@ -33,17 +33,21 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     if recipe["command"] == "upcycle":
         assert report["expected"] == "exact"
-    assert report["moe_layers"] == recipe["model_config"]["num_hidden_layers"] - recipe["options"].get("first_k_dense", 0)
-    if "quantization_config" in recipe["model_config"]:  # an FP8 source whose surgery stays on the block grid
-        assert any("written as block-scaled FP8" in n for n in report["notes"]), report["notes"]
+    cfg = recipe["model_config"].get("text_config", recipe["model_config"])  # a wrapper's language model
+    dense = recipe["options"].get("first_k_dense", 0) or cfg.get("first_k_dense_replace", 0)
+    assert report["moe_layers"] == cfg["num_hidden_layers"] - dense
+    if "quantization_config" in cfg:  # a quantized source whose surgery stays on the block / group grid
+        assert any("written as" in n and "like the source" in n for n in report["notes"]), report["notes"]
+    if "text_config" in recipe["model_config"]:
+        assert any("wrapper" in n for n in report["notes"]), report["notes"]
     options = recipe["options"]
     if "experts" in options:
         assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]
     else:  # finer experts: E*m experts, k*m top-k
         m = options["granularity"]
-        cfg = recipe["model_config"]
-        assert report["experts"] == cfg.get("num_local_experts", cfg.get("num_experts")) * m
-        assert report["top_k"] == recipe["model_config"]["num_experts_per_tok"] * m
+        experts = next(cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts") if k in cfg)
+        assert report["experts"] == experts * m and report["expected"] == "exact"
+        assert report["top_k"] == cfg["num_experts_per_tok"] * m
 
 
 def test_flags_override_recipe(tmp_path, capsys):

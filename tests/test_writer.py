@@ -440,3 +440,48 @@ def test_write_checkpoint_refuses_output_inside_source(tmp_path):
     with pytest.raises(UsageError):
         write_checkpoint(src / "out", [PlannedTensor("a", Lazy.of(torch.ones(2)))], {}, source_dir=src)
     assert list(src.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ fused tensors
+def test_fused_tensor_is_written_one_part_at_a_time(tmp_path):
+    """lazy.stack / cat along dim 0 keep their parts: the writer streams each expert's piece, never
+    materialising the fused [E, 2I, H] tensor, and the bytes equal the whole tensor's."""
+    from safetensors.torch import load_file
+
+    from moesurgery.lazy import Lazy, cat, stack
+
+    loads = []
+
+    def piece(j, rows):
+        t = torch.arange(rows * 4, dtype=torch.float32).reshape(rows, 4) + 100 * j
+
+        def load():
+            loads.append((j, rows))
+            return t
+        return Lazy((rows, 4), torch.float32, load)
+
+    fused = stack([cat([piece(j, 3), piece(j, 2)]) for j in range(5)])  # [5, 5, 4]
+    fused._load = lambda: pytest.fail("the fused tensor was materialised")
+    write_checkpoint(tmp_path / "out", [PlannedTensor("experts.gate_up_proj", fused)], {"model_type": "x"})
+    got = load_file(str(tmp_path / "out" / SINGLE_NAME))["experts.gate_up_proj"]
+    want = torch.stack([torch.cat([torch.arange(12.0).reshape(3, 4) + 100 * j, torch.arange(8.0).reshape(2, 4) + 100 * j]) for j in range(5)])
+    assert torch.equal(got, want) and len(loads) == 10
+
+
+def test_one_expert_of_a_fused_tensor_reads_only_its_slice(tmp_path, monkeypatch):
+    """select(j) and the transposed view push their ranges down to get_slice."""
+    from safetensors.torch import save_file
+
+    from moesurgery.reader import CheckpointReader
+
+    full = torch.randn(6, 8, 10)  # [E, H, 2I] transposed form
+    save_file({"w": full}, str(tmp_path / SINGLE_NAME))
+    reader = CheckpointReader(tmp_path)
+    calls = []
+    original = CheckpointReader.get_ranges
+    monkeypatch.setattr(CheckpointReader, "get_ranges", lambda self, key, ranges: (calls.append(ranges), original(self, key, ranges))[1])
+    lazy = reader.lazy("w")
+    lazy._load = lambda: pytest.fail("read the whole fused tensor")
+    gate = lazy.select(4)[:, :5].t()  # expert 4's gate [I, H] from [H, 2I]
+    assert torch.equal(gate.load(), full[4, :, :5].T)
+    assert calls == [((4, 5), (0, 8), (0, 5))]

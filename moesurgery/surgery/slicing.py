@@ -22,9 +22,9 @@ def concat_neurons(parts: list[SwiGLU]) -> SwiGLU:
     return SwiGLU(cat([p.gate for p in parts]), cat([p.up for p in parts]), cat([p.down for p in parts], dim=1))
 
 
-def chunks(width: int, n: int) -> list[torch.Tensor]:
+def chunks(width: int, n: int) -> list[range]:
     """[0, width) cut into n contiguous equal index ranges."""
     if n <= 0 or width % n:
         raise ValueError(f"width {width} does not split into {n} equal parts")
     size = width // n
-    return [torch.arange(i * size, (i + 1) * size) for i in range(n)]
+    return [range(i * size, (i + 1) * size) for i in range(n)]
