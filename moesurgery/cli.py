@@ -139,19 +139,22 @@ def _group_layers(layers: list[dict]):
 def convert(
     source: str = SourceArg,
     output: Path = typer.Argument(..., help="Output directory (built in a temporary sibling, renamed at the end)."),
-    to: str = typer.Option(..., "--to", help="Target layout: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2, deepseek_v3, glm4_moe."),
+    to: str = typer.Option(..., "--to", help="Target layout (see README, Layout support; `inspect` names a checkpoint's): e.g. mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, kimi_k2, mistral4."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Convert even when the target cannot compute the same function."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and print the output; write nothing."),
+    serve_tp: int = typer.Option(1, "--serve-tp", help="Tensor-parallel size it will be served with (serving limits are checked against it)."),
+    serve_ep: int = typer.Option(1, "--serve-ep", help="Expert-parallel size it will be served with."),
     json_out: bool = JsonOpt,
 ):
     """Change a checkpoint's layout without surgery (exact where the math allows)."""
     from .convert import convert as run_convert
 
+    _check_serve(serve_tp, serve_ep)
     report = run_convert(
         source, output, to, allow_lossy=allow_lossy, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-        dry_run=dry_run, command=command_line(),
+        dry_run=dry_run, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep,
     )
     if json_out:
         return emit_json(report)
@@ -166,6 +169,8 @@ def print_conversion(report: dict) -> None:
         stdout.print(f"  [yellow]lossy:[/yellow] {reason}")
     for note in report["notes"]:
         stdout.print(f"  note: {note}")
+    for warning in report.get("serving", []):
+        stdout.print(f"  [yellow]serving:[/yellow] {warning}")
     stdout.print(
         f"{verb} {report['tensors']} tensors ({report['tensors_untouched']} untouched), {human_bytes(report['bytes'])} "
         f"in {len(report['shards'])} shard(s) to {report['output']}"
@@ -178,7 +183,11 @@ def _not_built(name: str):
 
 
 CommonSurgery = dict(
-    to=typer.Option(None, "--to", help="Target layout (deepseek, glm4_moe, qwen2_moe, mixtral, ...)."),
+    to=typer.Option(None, "--to", help="Target layout (default: the best native one that holds the result exactly: glm4_moe for a "
+                    "dense source, qwen2_moe for Mixtral-style softmax routers, the source's own for finer experts; "
+                    "`deepseek` is DeepSeek's v1 format, which needs its remote code)."),
+    serve_tp=typer.Option(1, "--serve-tp", help="Tensor-parallel size it will be served with (serving limits are checked against it)."),
+    serve_ep=typer.Option(1, "--serve-ep", help="Expert-parallel size it will be served with."),
     allow_lossy=typer.Option(False, "--allow-lossy", help="Write even when the target layout cannot express the result exactly."),
     dry_run=typer.Option(False, "--dry-run", help="Print the plan (layers, experts, parameters, size, exactness); write nothing."),
     overwrite=typer.Option(False, "--overwrite", help="Replace an existing output directory."),
@@ -187,6 +196,11 @@ CommonSurgery = dict(
     recipe=typer.Option(None, "--recipe", help="A recipe name (recipes/NAME.toml) or TOML file; flags override it."),
     json_out=JsonOpt,
 )
+
+
+def _check_serve(tp: int, ep: int) -> None:
+    if tp < 1 or ep < 1:
+        raise UsageError("--serve-tp and --serve-ep must be >= 1")
 
 
 def _calibration(value: str | None) -> str | None:
@@ -219,6 +233,7 @@ def split_experts(
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
 ):
     """Fine-grained experts: split each expert of an MoE (exact), or a dense FFN into routed + shared experts."""
     from .operations import split_experts as run
@@ -232,10 +247,14 @@ def split_experts(
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration,
                  calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, sequential=sequential, to=to, seed=seed)
     o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults, types)
+    calibration_name = o["calibration"]
     text = _calibration(o.pop("calibration"))
+    _check_serve(serve_tp, serve_ep)
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
                  max_shard_size=parse_size(max_shard_size), command=command_line(), device=device,
-                 recipe_model=load_model_config(recipe) if recipe else None, **o)
+                 recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep,
+                 calibration_name=None if calibration_name is None else ("pydoc (built-in Python documentation)" if calibration_name == "pydoc" else Path(calibration_name).name),
+                 **o)
     emit_json(report) if json_out else print_surgery(report)
 
 
@@ -253,21 +272,23 @@ def upcycle(
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
 ):
     """Upcycle: dense -> MoE exact at init (virtual groups + shared experts); Mixtral -> DeepSeek-style."""
     from .operations import upcycle as run
     from .recipes import load_recipe, merge
 
-    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, first_k_dense=0, router_noise=0.0, reinit_fraction=0.0, to="deepseek", seed=0)
+    defaults = dict(granularity=None, experts=None, top_k=None, shared=0, first_k_dense=0, router_noise=0.0, reinit_fraction=0.0, to=None, seed=0)
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, first_k_dense=first_k_dense, router_noise=router_noise,
                  reinit_fraction=reinit_fraction, to=to, seed=seed)
     from .recipes import load_model_config
 
-    o = merge(load_recipe(recipe, "upcycle") if recipe else {}, flags, defaults, dict(granularity=int, experts=int, top_k=int))
+    o = merge(load_recipe(recipe, "upcycle") if recipe else {}, flags, defaults, dict(granularity=int, experts=int, top_k=int, to=str))
     if o["granularity"] is None:
         raise UsageError("upcycle needs --granularity (or a --recipe that sets it)")
+    _check_serve(serve_tp, serve_ep)
     report = run(source, output, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-                 command=command_line(), recipe_model=load_model_config(recipe) if recipe else None, **o)
+                 command=command_line(), recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep, **o)
     emit_json(report) if json_out else print_surgery(report)
 
 
@@ -285,6 +306,8 @@ def print_surgery(r: dict) -> None:
         stdout.print(f"  [yellow]lossy:[/yellow] {reason}")
     for note in r["notes"]:
         stdout.print(f"  note: {note}")
+    for warning in r.get("serving", []):
+        stdout.print(f"  [yellow]serving:[/yellow] {warning}")
     if r.get("measured") and "rel_err" in r["measured"][0]:
         m = r["measured"]
         mean = sum(x["rel_err"] for x in m) / len(m)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .card import model_card
 from .errors import BadInputError
+from .serving import serving_warnings
 from .express import express
 from .layouts import get_layout
 from .model_io import open_model, plan_output, save_model
@@ -21,6 +23,8 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dry_run: bool = False,
     command: str = "moesurgery convert",
+    serve_tp: int = 1,
+    serve_ep: int = 1,
 ) -> dict:
     """Convert `source` to layout `to` at `output`; returns the report (also for --dry-run)."""
     target = get_layout(to)
@@ -45,7 +49,11 @@ def convert(
         "tensors_untouched": sum(t.tensor.origin is not None for t in tensors),
         "bytes": sum(s.nbytes for s in shards),
         "shards": [{"file": s.filename, "bytes": s.nbytes, "tensors": len(s.tensors)} for s in shards],
+        "serving": serving_warnings(result.model, target, any(n.startswith("written as") for n in notes), serve_tp, serve_ep),
+        "command": command,
     }
     if not dry_run:
-        save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size, overwrite=overwrite)
+        card = model_card(report, source_name=opened.source.name, source_dir=opened.source.path, repo_id=opened.source.repo_id, config=config)
+        save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size, overwrite=overwrite,
+                   finish=lambda tmp: {"README.md": card})
     return report

@@ -8,6 +8,7 @@ caller decides (`--allow-lossy`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -172,14 +173,42 @@ def pad_width(ffn: SwiGLU, width: int) -> SwiGLU:
     return SwiGLU(cat([ffn.gate, z.gate]), cat([ffn.up, z.up]), cat([ffn.down, z.down], dim=1))
 
 
-def express_shared(moe: MoE, layout: Layout, out: Expressed) -> tuple[SwiGLU | None, Lazy | None]:
+HALF_GATE_BOUND = 2.0**-26  # |gate . x| below this: sigmoid rounds to exactly 1/2 (fp32, bf16, fp16)
+
+
+def half_gate(hidden: int, norm: Lazy | None, dtype: torch.dtype) -> Lazy:
+    """A shared_expert_gate [1, H] whose sigmoid is exactly 1/2 on every input, yet not zero: c * ones, with
+    c a power of two such that |c * sum(x)| <= 2^-26 for any FFN input x = rms_norm(.) * w (|x| summed is at
+    most H * max|w|). A zero gate computes the same in transformers and vLLM, but llama.cpp evaluates
+    sigmoid as silu(z) / z, which is 0/0 = NaN at z = 0 (its qwen2moe graph)."""
+    store = torch.float32 if dtype == torch.float16 else dtype  # c underflows fp16
+
+    def load() -> torch.Tensor:
+        w = float(norm.load().float().abs().max()) if norm is not None else 1.0
+        c = 2.0 ** math.floor(math.log2(HALF_GATE_BOUND / (hidden * max(w, 1e-30))))
+        return torch.full((1, hidden), c, dtype=store)
+
+    return Lazy((1, hidden), store, load)
+
+
+def is_half(gate: Lazy, norm: Lazy | None) -> bool:
+    """A gate whose sigmoid is 1/2 on every input: zero, or small enough (see half_gate)."""
+    g = gate.load().float()
+    if not bool(g.any()):
+        return True
+    w = float(norm.load().float().abs().max()) if norm is not None else float("inf")
+    return float(g.abs().max()) * g.shape[-1] * w <= HALF_GATE_BOUND
+
+
+def express_shared(moe: MoE, layout: Layout, out: Expressed, norm: Lazy | None = None) -> tuple[SwiGLU | None, Lazy | None]:
+    """`norm`: the layer's post_attention_layernorm weight (bounds the FFN input, for the 1/2 gate)."""
     shared, gate, name = moe.shared, moe.shared_gate, layout.name
     H = moe.router.weight.shape[1]
     dtype = moe.experts[0].gate.dtype
     if gate is not None and layout.shared != "gated":
-        if is_zero(gate):  # sigmoid(0) = 1/2 exactly
+        if is_half(gate, norm):  # sigmoid(.) = 1/2 exactly
             shared = replace(shared, down=shared.down.scale(0.5))
-            _once(out.notes, "zero shared_expert_gate (a constant 1/2) folded into the shared down_proj")
+            _once(out.notes, "shared_expert_gate with a constant sigmoid of 1/2 folded into the shared down_proj")
         elif all(is_zero(t) for t in (shared.gate, shared.up)) or is_zero(shared.down):
             shared = None
         else:
@@ -193,10 +222,11 @@ def express_shared(moe: MoE, layout: Layout, out: Expressed) -> tuple[SwiGLU | N
         if shared is None:
             _once(out.notes, f"{name} always has a shared expert: written as zeros")
             width = min(ZERO_SHARED_WIDTH, moe.expert_width)
-            return zero_swiglu(width, H, dtype), Lazy.zeros((1, H), dtype)
-        if gate is None:  # ungated -> sigmoid(0) * 2 = 1 exactly
-            _once(out.notes, "ungated shared experts written with a zero shared_expert_gate and down_proj x2")
-            return replace(shared, down=shared.down.scale(2.0)), Lazy.zeros((1, H), dtype)
+            return zero_swiglu(width, H, dtype), half_gate(H, norm, dtype)
+        if gate is None:  # ungated -> sigmoid(.) = 1/2, down_proj x 2: exact
+            _once(out.notes, "ungated shared experts written with a shared_expert_gate whose sigmoid is exactly 1/2 "
+                             "(a tiny constant, not zero: llama.cpp's sigmoid is NaN at 0) and down_proj x2")
+            return replace(shared, down=shared.down.scale(2.0)), half_gate(H, norm, dtype)
         return shared, gate
     if layout.shared == "multiple" and shared is not None:
         width = -(-shared.width // moe.expert_width) * moe.expert_width
@@ -235,7 +265,7 @@ def express(model: Model, layout: Layout) -> Expressed:
         for layer in layers:
             if isinstance(layer.ffn, MoE):
                 router, experts = express_router(layer.ffn.router, layout, out, layer.ffn.experts)
-                shared, gate = express_shared(layer.ffn, layout, out)
+                shared, gate = express_shared(layer.ffn, layout, out, layer.attn.get("post_attention_layernorm.weight"))
                 layer = replace(layer, ffn=MoE(router, experts, shared, gate))
             new_layers.append(layer)
         layers = new_layers

@@ -21,7 +21,39 @@ from .surgery.check import pick_layers, quick_check
 from .surgery.finer import finer_experts
 from .surgery.moefy import MoefySpec, moefy
 from .surgery.upcycle import UpcycleSpec, extract_shared, upcycle_dense
+from .card import model_card
+from .serving import serving_warnings
 from .writer import DEFAULT_MAX_SHARD_SIZE, check_output_path
+
+
+# Targets that load natively (no remote code) in transformers and vLLM, best first (BENCHMARKS.md "serving"):
+# dense sources -> glm4_moe (sigmoid router with routed_scaling_factor: virtual groups exact; renormalises in
+# llama.cpp too); MoE sources (softmax routers, Mixtral) -> qwen2_moe (softmax, fine-grained + a gated shared
+# expert, exact). Each is taken only if it holds the source's attention exactly.
+NATIVE_FOR_DENSE = ("glm4_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+NATIVE_FOR_MOE = ("qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "mistral4")
+
+
+def native_target(model: Model, shared: int = 0) -> str:
+    """The default target layout: the first native one that holds `model`'s attention (and router kind, for an
+    MoE source) exactly, and shared experts if asked for."""
+    from .express import Expressed, express_attention
+
+    moe = model.moe_layers()
+    for name in NATIVE_FOR_MOE if moe else NATIVE_FOR_DENSE:
+        layout = get_layout(name)
+        if shared and not layout.shared:
+            continue
+        if moe and moe[0].ffn.router.scoring not in layout.scorings:
+            continue
+        probe = Expressed(model)
+        try:
+            express_attention(model, layout, probe)
+        except BadInputError:
+            continue
+        if not probe.lossy:
+            return name
+    return model.family if moe else "qwen2_moe"
 
 
 def _scoring(target: Layout) -> str:
@@ -58,7 +90,7 @@ def mean_of_experts(moe: MoE) -> SwiGLU:
 def _finish(
     opened: Opened, model: Model, target: Layout, output, *, operation: str, surgery_lossy: list[str], measured: list[dict],
     allow_lossy: bool, dry_run: bool, overwrite: bool, max_shard_size: int, command: str, expect_exact: bool,
-    check_inputs: dict | None = None,
+    check_inputs: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, calibration: dict | None = None,
 ) -> dict:
     """Express in the target, plan, write, check; the report of every surgery command."""
     mtp = [k for k in model.extras if k.startswith("model.layers.")]
@@ -74,8 +106,11 @@ def _finish(
     src_total, src_active = model_params(opened.model)
     moe = result.model.moe_layers()
     first = moe[0].ffn if moe else None
+    src_moe = opened.model.moe_layers()
+    src_first = src_moe[0].ffn if src_moe else None
     report = {
         "operation": operation,
+        "command": command,
         "source": opened.source.name,
         "source_layout": opened.layout.name,
         "target_layout": target.name,
@@ -96,17 +131,24 @@ def _finish(
         "expected": "exact" if expect_exact and not surgery_lossy and result.exact else "lossy",
         "lossy_reasons": surgery_lossy + result.lossy,
         "notes": opened.notes + result.notes + output_notes,
+        "source_experts": f"{len(src_first.experts)} x {src_first.expert_width}, top-{src_first.router.top_k}" if src_first else None,
+        "source_shared_width": src_first.shared_width if src_first else 0,
+        "serving": serving_warnings(result.model, target, any(n.startswith("written as") for n in output_notes), serve_tp, serve_ep),
     }
     if measured:
         report["measured"] = measured
+    if calibration:
+        report["calibration"] = calibration
     if dry_run:
         return report
 
     def check(tmp: Path) -> dict:
-        """The quick check on the complete output before it is renamed into place: if it fails, nothing is left."""
+        """The quick check on the complete output before it is renamed into place (if it fails, nothing is left);
+        then the model card, which reports it."""
         report["check"] = quick_check(opened.model, open_model(tmp).model, inputs=check_inputs)
         report["verdict"] = report["check"]["verdict"]
-        return {}
+        return {"README.md": model_card(report, source_name=opened.source.name, source_dir=opened.source.path,
+                                        repo_id=opened.source.repo_id, config=config)}
 
     save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size,
                overwrite=overwrite, finish=check)
@@ -148,7 +190,7 @@ def split_experts(
     method: str | None = None, router: str | None = None, calibration_text: str | None = None, calibration_tokens: int = 4096,
     first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts", sequential: bool = False,
-    device: str = "cpu", recipe_model: dict | None = None,
+    device: str = "cpu", recipe_model: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, calibration_name: str | None = None,
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
     training-free split into routed (+ shared) experts (lossy, measured). `sequential`: calibrate
@@ -161,8 +203,8 @@ def split_experts(
     router = router or ("fitted" if calibration_text is not None else "centroid")
     opened = open_model(source)
     is_moe = bool(opened.model.moe_layers())
-    if to is None:
-        to = opened.layout.name if is_moe else "deepseek"
+    if to is None:  # finer experts stay in their layout; a dense split goes to the best native MoE layout
+        to = opened.layout.name if is_moe else native_target(opened.model, shared)
     opened, target = _prepare(source, output, to, dry_run, overwrite, opened, recipe_model)
     model = opened.model
     if is_moe:
@@ -184,7 +226,7 @@ def split_experts(
             raise BadInputError(f"finer experts of {model.family} are not exact: {'; '.join(lossy)} ({r.n_group} expert groups, "
                                 f"{r.topk_group} kept per token: n_group / topk_group); pass --allow-lossy to split anyway")
         return _finish(opened, model.with_layers(layers), target, output, operation="finer-experts", surgery_lossy=lossy, measured=[],
-                       allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True)
+                       allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep)
 
     if experts is None or top_k is None:
         raise UsageError("a dense source is split with --experts N --top-k K [--shared S]")
@@ -202,8 +244,8 @@ def split_experts(
         # plan with placeholder routing (nothing is read): shapes only
         layers = [layer if layer.index < first_k_dense else replace(layer, ffn=_plan_moefy(layer.ffn, spec)) for layer in model.layers]
         return _weight_only_hint(calibration_text, _finish(opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)],
-                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False), spec)
-    inputs = None
+                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep), spec)
+    inputs, calibration = None, None
     if calibration_text is not None:
         from .calibration import chunk, ffn_inputs, tokenize
 
@@ -215,6 +257,7 @@ def split_experts(
         if not (device == "cpu" or device.startswith("cuda")):
             raise UsageError(f"--device must be cpu or cuda, not {device!r}")
         inputs = ffn_inputs(model, ids, device=device)
+        calibration = {"name": calibration_name or "given text", "tokens": int(ids.numel())}
     layers, measured, check_inputs = [], [], {}
     checked = set(pick_layers(len(model.layers)))
     pending = next(inputs) if inputs is not None else None
@@ -233,7 +276,7 @@ def split_experts(
     return _weight_only_hint(calibration_text, _finish(
         opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
         allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False,
-        check_inputs=check_inputs or None), spec)
+        check_inputs=check_inputs or None, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration), spec)
 
 
 def _weight_only_hint(calibration_text: str | None, report: dict, spec: MoefySpec | None = None) -> dict:
@@ -266,8 +309,9 @@ def _plan_moefy(ffn: SwiGLU, spec: MoefySpec) -> MoE:
 def upcycle(
     source, output, *, granularity: int, experts: int | None = None, top_k: int | None = None, shared: int = 0,
     first_k_dense: int = 0, router_noise: float = 0.0, reinit_fraction: float = 0.0, shared_match: float = 1.0,
-    to: str = "deepseek", allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
+    to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle", recipe_model: dict | None = None,
+    serve_tp: int = 1, serve_ep: int = 1,
 ) -> dict:
     """Dense source: MoE exact at init with virtual groups (+ shared experts). MoE source (Mixtral):
     DeepSeek-style: `shared` fine-grained experts extracted from what experts share, the rest split
@@ -278,7 +322,10 @@ def upcycle(
         raise UsageError(f"--reinit-fraction must be between 0 and 1, not {reinit_fraction}")
     if not router_noise >= 0.0:
         raise UsageError(f"--router-noise must be >= 0 (a standard deviation), not {router_noise}")
-    opened, target = _prepare(source, output, to, dry_run, overwrite, recipe_model=recipe_model)
+    opened = open_model(source)
+    if to is None:
+        to = native_target(opened.model, shared)
+    opened, target = _prepare(source, output, to, dry_run, overwrite, opened, recipe_model)
     model = opened.model
     layers, lossy, measured = [], [], []
     if model.moe_layers():
@@ -326,4 +373,4 @@ def upcycle(
             layers.append(replace(layer, ffn=ffn))
         operation = "dense-upcycle"
     return _finish(opened, model.with_layers(layers), target, output, operation=operation, surgery_lossy=lossy, measured=measured,
-                   allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True)
+                   allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep)

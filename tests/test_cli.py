@@ -229,7 +229,7 @@ def test_convert_json(capsys, tmp_path, tiny_mixtral_dir):
     report = json.loads(stdout)
     assert report["verdict"] == "exact" and report["exact"] is True and report["lossy_reasons"] == []
     assert (report["source_layout"], report["target_layout"], report["dry_run"]) == ("mixtral", "qwen2_moe", False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "moesurgery.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "moesurgery.json"]
     assert leftovers(tmp_path) == []
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
     written = load_file(str(out / "model.safetensors"))

@@ -88,6 +88,8 @@ def router_settings(num_experts: int, top_k: int, scoring: str = "softmax", reno
     return Router(Lazy.zeros((num_experts, 1), torch.float32), top_k, scoring, renormalize, **settings)
 
 
+EXPERT_COUNT_ALIASES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_k")  # names of one field
+
 # ---------------------------------------------------------------- dense / MoE schedules (data)
 SPARSE_TYPES = ("sparse", "moe", "hash_moe")  # mlp_layer_types entries that are MoE layers
 
@@ -169,6 +171,9 @@ class Layout:
     shared_gate_key: str | None = None
     schedule: str = "all"  # which config fields say which layers are MoE (see moe_schedule)
     needs_remote_code: bool = False  # the config points at Hub code (auto_map): not loadable offline
+    writes_head: bool = False  # a tied lm_head is written out (llama.cpp's graph for the family needs output.weight)
+    llama_cpp: str | None = None  # llama.cpp's architecture for this layout (convert_hf_to_gguf), None: not supported
+    llama_cpp_renorm: str = "config"  # how llama.cpp weighs top-k: config (norm_topk_prob) | never | always
     aliases: tuple = ()  # other model_type names read as this layout
     # capabilities: what the config can express
     moe: bool = False
@@ -402,6 +407,8 @@ class Layout:
         out.append(PlannedTensor("model.norm.weight", model.norm))
         if model.lm_head is not None:
             out.append(PlannedTensor("lm_head.weight", model.lm_head))
+        elif self.writes_head:  # tied, written out: llama.cpp's graph for this family has no tied fallback
+            out.append(PlannedTensor("lm_head.weight", model.embed))
         out += [PlannedTensor(k, v) for k, v in model.extras.items()]
         return out
 
@@ -432,12 +439,20 @@ class Layout:
 
     # config --------------------------------------------------------------------------------
     def write_config(self, model: Model) -> dict:
-        """The target config.json. Same family: the source config with the FFN fields updated."""
+        """The target config.json. Same family: the source config with the FFN fields updated (and the
+        other names transformers knows them by dropped: a stale `num_local_experts: 8` beside
+        `num_experts: 16` makes transformers and llama.cpp refuse the checkpoint)."""
         if model.family == self.name:
             cfg = dict(model.config)
         else:
             cfg = self.base_config(model.arch)
-        cfg.update(self.ffn_config(model))
+        ffn = self.ffn_config(model)
+        for key in EXPERT_COUNT_ALIASES:
+            if key not in ffn:
+                cfg.pop(key, None)
+        cfg.update(ffn)
+        if self.writes_head and model.lm_head is None:
+            cfg["tie_word_embeddings"] = False
         cfg["architectures"] = [self.architecture]
         cfg["model_type"] = self.name
         return cfg

@@ -52,6 +52,9 @@ class Deepseek(DeepseekFamily):
     architecture = "DeepseekForCausalLM"
     renorm = "config_k>1"
     softmax_in_model_dtype = True
+    needs_remote_code = True  # model_type deepseek: transformers and vLLM need DeepSeek's config code from the Hub
+    llama_cpp = "deepseek"
+    llama_cpp_renorm = "never"
 
     def read_moe_spec(self, cfg):
         E, k, width, shared = self.spec_fields(cfg)

@@ -45,6 +45,7 @@ class DeepseekV2(MLAMixin, DeepseekFamily):
     architecture = "DeepseekV2ForCausalLM"
     renorm = "never"
     scaling = True
+    llama_cpp = "deepseek2"
     group_score = "max"
 
     def read_moe_spec(self, cfg):

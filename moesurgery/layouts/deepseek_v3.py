@@ -43,6 +43,7 @@ class DeepseekV3(MLAMixin, SigmoidRouterMixin, DeepseekFamily):
     name = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
     mla_variant = "deepseek_v3"
+    llama_cpp = "deepseek2"
 
 
 LAYOUT = DeepseekV3()

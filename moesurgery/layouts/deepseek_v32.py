@@ -9,6 +9,7 @@ from .deepseek_v3 import DeepseekV3
 class DeepseekV32(DeepseekV3):
     name = "deepseek_v32"
     architecture = "DeepseekV32ForCausalLM"
+    llama_cpp = None  # not checked against llama.cpp
     schedule = "layer_types"
     rope_interleave_default = True  # always interleaved; the config has no rope_interleave field
     indexer_interleave = False

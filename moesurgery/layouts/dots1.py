@@ -13,6 +13,8 @@ class Dots1(SigmoidRouterMixin, DeepseekFamily):
     qkv_bias = "with_o"
     qk_norms = ("head",)
     norm_topk_default = False
+    llama_cpp = "dots1"
+    writes_head = True
 
     def read_sliding_window(self, cfg):
         types = cfg.get("layer_types") or []

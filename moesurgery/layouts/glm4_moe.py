@@ -12,6 +12,7 @@ class Glm4Moe(SigmoidRouterMixin, DeepseekFamily):
     qk_norms = (None, "head")
     partial_rotary = True
     default_partial_rotary = 0.5
+    llama_cpp = "glm4moe"
 
     def read_qk_norm(self, cfg):
         return "head" if cfg.get("use_qk_norm") else None

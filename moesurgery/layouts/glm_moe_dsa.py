@@ -10,6 +10,7 @@ from .deepseek_v32 import DeepseekV32
 class GlmMoeDsa(DeepseekV32):
     name = "glm_moe_dsa"
     architecture = "GlmMoeDsaForCausalLM"
+    llama_cpp = None  # not checked against llama.cpp
     indexer_interleave = True
 
     def indexer_types(self, cfg):

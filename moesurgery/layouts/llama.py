@@ -7,6 +7,7 @@ from .base import Layout
 class Llama(Layout):
     name = "llama"
     architecture = "LlamaForCausalLM"
+    llama_cpp = "llama"
     qkv_bias = "with_o"
 
     def read_arch(self, cfg):

@@ -22,6 +22,8 @@ class MinimaxM2(Layout):
     dense_layers = "none"
     logits_in_model_dtype = True
     default_rope_theta = 5e6
+    llama_cpp = "minimax-m2"
+    writes_head = True
 
     def read_arch(self, cfg):
         arch = super().read_arch(cfg)

@@ -6,6 +6,7 @@ from .base import Layout
 class Mistral(Layout):
     name = "mistral"
     architecture = "MistralForCausalLM"
+    llama_cpp = "llama"
     sliding_window = True
 
     def read_sliding_window(self, cfg):

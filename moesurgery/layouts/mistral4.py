@@ -12,6 +12,7 @@ from .deepseek_v2 import MLAMixin
 class Mistral4(MLAMixin, DeepseekFamily):
     name = "mistral4"
     architecture = "Mistral4ForCausalLM"
+    llama_cpp = None  # not checked against llama.cpp
     mla_variant = "deepseek_v3"
     rope_interleave_default = True
     experts_on_disk = "fused"

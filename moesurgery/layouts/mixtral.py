@@ -13,6 +13,8 @@ class Mixtral(Layout):
     sliding_window = True
     renorm = "always"
     dense_layers = "none"
+    llama_cpp = "llama"  # Mixtral is llama.cpp's llama architecture with experts
+    llama_cpp_renorm = "always"
     default_rope_theta = 1e6
 
     def read_sliding_window(self, cfg):

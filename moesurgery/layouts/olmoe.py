@@ -11,6 +11,9 @@ class Olmoe(Layout):
     qkv_bias = "with_o"
     qk_norms = ("full",)
     dense_layers = "none"
+    llama_cpp = "olmoe"
+    llama_cpp_renorm = "never"
+    writes_head = True
 
     def read_moe_spec(self, cfg):
         E = need_int(cfg, "num_experts", self.name)

@@ -7,6 +7,7 @@ from .dense import qwen_sliding_config, qwen_sliding_window
 class Qwen2(Layout):
     name = "qwen2"
     architecture = "Qwen2ForCausalLM"
+    llama_cpp = "qwen2"
     qkv_bias = "always"
     sliding_window = True
 

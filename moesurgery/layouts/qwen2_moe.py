@@ -36,6 +36,9 @@ class Qwen2Moe(Layout):
     shared = "gated"
     dense_layers = "any"
     schedule = "qwen"
+    llama_cpp = "qwen2moe"
+    llama_cpp_renorm = "never"  # its graph ignores norm_topk_prob
+    writes_head = True
 
     def read_sliding_window(self, cfg):
         return qwen_sliding_window(cfg, self.name)

@@ -7,6 +7,7 @@ from .dense import qwen_sliding_config, qwen_sliding_window
 class Qwen3(Layout):
     name = "qwen3"
     architecture = "Qwen3ForCausalLM"
+    llama_cpp = "qwen3"
     qkv_bias = "with_o"
     qk_norms = ("head",)
     sliding_window = True

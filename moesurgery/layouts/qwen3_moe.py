@@ -15,6 +15,8 @@ class Qwen3Moe(Layout):
     sliding_window = True
     dense_layers = "any"
     schedule = "qwen"
+    llama_cpp = "qwen3moe"
+    llama_cpp_renorm = "always"
 
     def read_sliding_window(self, cfg):
         return qwen_sliding_window(cfg, self.name)
