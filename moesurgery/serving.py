@@ -27,7 +27,7 @@ def serving_warnings(model: Model, layout, quantized: bool = False, tp: int = 1,
     moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
     a = model.arch
     if layout.needs_remote_code:
-        out.append(f"transformers / vLLM: {layout.name} names Hub code in its config (auto_map): loading needs trust_remote_code "
+        out.append(f"transformers / vLLM: {layout.name} needs remote code from the Hub (its config has an auto_map): loading takes trust_remote_code "
                    "and a network (or the code copied locally)")
     if layout.name in ("qwen2_moe", "olmoe", "deepseek") and a.attention == "gqa" and a.head_dim * a.num_heads != a.hidden_size:
         out.append(f"vLLM: its {layout.name} model ignores head_dim ({a.head_dim}) and uses hidden_size / heads "
