@@ -228,6 +228,9 @@ def express_shared(moe: MoE, layout: Layout, out: Expressed, norm: Lazy | None =
                              "(a tiny constant, not zero: llama.cpp's sigmoid is NaN at 0) and down_proj x2")
             return replace(shared, down=shared.down.scale(2.0)), half_gate(H, norm, dtype)
         return shared, gate
+    if layout.shared == "multiple" and shared is None and layout.needs_shared:
+        _once(out.notes, f"one all-zero shared expert written: vLLM's {name} fails to load with n_shared_experts = 0 (exact: it adds nothing)")
+        return zero_swiglu(moe.expert_width, H, dtype), None
     if layout.shared == "multiple" and shared is not None:
         width = -(-shared.width // moe.expert_width) * moe.expert_width
         if width != shared.width:

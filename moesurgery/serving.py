@@ -32,6 +32,9 @@ def serving_warnings(model: Model, layout, quantized: bool = False, tp: int = 1,
     if layout.name in ("qwen2_moe", "olmoe", "deepseek") and a.attention == "gqa" and a.head_dim * a.num_heads != a.hidden_size:
         out.append(f"vLLM: its {layout.name} model ignores head_dim ({a.head_dim}) and uses hidden_size / heads "
                    f"({a.hidden_size // a.num_heads}): it loads and computes another function")
+    if a.attention == "mla" or a.rope_interleave:
+        out.append("vLLM (CPU backend): its custom rotary op gets interleaved (non-neox) rope wrong for multi-head queries; "
+                   "run with compilation_config={\"custom_ops\": [\"-rotary_embedding\"]} (the GPU kernels are not affected)")
     if tp > 1:
         if a.num_heads % tp or (a.attention == "gqa" and a.num_kv_heads % tp and tp % a.num_kv_heads):
             out.append(f"vLLM: {a.num_heads} attention heads ({a.num_kv_heads} KV) do not split over --serve-tp {tp}")

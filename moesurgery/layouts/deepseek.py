@@ -22,6 +22,7 @@ class DeepseekFamily(Layout):
     shared_key = "shared_experts"
     moe = True
     shared = "multiple"
+    needs_shared = True
     dense_layers = "prefix"
     schedule = "first_k_dense"
 

@@ -49,6 +49,8 @@ class HyV3(Layout):
             "num_shared_experts": moe.shared_width // moe.expert_width, "router_scaling_factor": moe.router.scaling,
             **schedule_config(self.schedule, [isinstance(l.ffn, MoE) for l in model.layers]),
             "intermediate_size": dense[0].ffn.width if dense else model.config.get("intermediate_size", moe.expert_width),
+            # the Hub's names for the same fields, which vLLM's hy_v3 reads
+            "expert_hidden_dim": moe.expert_width, "route_norm": True, "qk_norm": True,
         }
 
 

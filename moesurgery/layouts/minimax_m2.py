@@ -44,7 +44,8 @@ class MinimaxM2(Layout):
     def ffn_config(self, model):
         moe = model.moe_layers()[0].ffn
         return {"num_local_experts": len(moe.experts), "num_experts_per_tok": moe.router.top_k, "intermediate_size": moe.expert_width,
-                "output_router_logits": False, "router_jitter_noise": 0.0}
+                "output_router_logits": False, "router_jitter_noise": 0.0,
+                "scoring_func": "sigmoid", "use_routing_bias": True}  # the Hub's names, which vLLM reads
 
 
 LAYOUT = MinimaxM2()

