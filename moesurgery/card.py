@@ -47,7 +47,7 @@ def model_card(report: dict, *, source_name: str, source_dir: Path | None, repo_
     lines = ["---"] + [f"{k}: {_yaml(v)}" for k, v in front.items()] + ["---", ""]
     arch = (config.get("architectures") or ["AutoModelForCausalLM"])[0]
     lines += [f"# {Path(report['output']).name}", "",
-              f"`{source_name}` ({report['source_layout']}) reshaped by [moesurgery](https://github.com/moesurgery/moesurgery) "
+              f"`{source_name}` ({report['source_layout']}) reshaped by moesurgery "
               f"into the `{report['target_layout']}` layout" + (f", inside its `{config['model_type']}` wrapper (vision parts unchanged)." if wrapper else "."),
               "", "```", report.get("command", ""), "```", ""]
     if "experts" in report:
