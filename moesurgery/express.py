@@ -262,6 +262,9 @@ def express(model: Model, layout: Layout) -> Expressed:
     if len(shapes) > 1:
         raise BadInputError(f"MoE layers differ in (experts, top-k, width) {sorted(shapes)}: {name} has one of each")
 
+    if layout.shared is None and any(l.ffn.shared is not None for l in moe_layers) and model.family == name:
+        raise BadInputError(f"{name} has no shared experts: the result's shared experts have no place in it "
+                            "(choose a --to layout that holds them, e.g. glm4_moe, deepseek_v3, qwen2_moe)")
     arch, layers = express_attention(model, layout, out)
     if model.family != name:
         new_layers = []

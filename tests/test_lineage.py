@@ -226,3 +226,13 @@ def test_deepseek_v32_as_deepseek_v3_is_exact_within_index_topk(lineage, tmp_pat
     convert(path, tmp_path / "out", "deepseek_v3", allow_lossy=True)
     short = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(5))
     assert rel_err(lineage_logits(tmp_path / "out", short), lineage_logits(path, short)) < 1e-5
+
+
+def test_shared_experts_extracted_where_the_target_holds_them(lineage, tmp_path):
+    """Mixtral-style extraction on the lineage: Hy3 holds shared experts (an ungated shared_mlp); MiniMax-M2
+    has no slot and is refused up front, naming the layouts that have one."""
+    report = upcycle(lineage("hy_v3"), tmp_path / "hy", granularity=2, shared=1, allow_lossy=True)
+    assert report["target_layout"] == "hy_v3" and report["shared_width"] > 0 and "measured" in report
+    with pytest.raises(BadInputError, match="has no shared experts"):
+        upcycle(lineage("minimax_m2"), tmp_path / "mm", granularity=2, shared=1, to="minimax_m2", allow_lossy=True)
+    assert not (tmp_path / "mm").exists()
