@@ -75,11 +75,29 @@ def root(
 
 # ------------------------------------------------------------------------------------------ inspect
 @app.command()
-def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
-    """Describe a checkpoint: family, dtypes, size, attention, per-layer FFN, parameters."""
+def inspect(
+    source: str = SourceArg,
+    text: Optional[str] = typer.Option(None, "--text", help="Also run the model on a text file (or `pydoc`, built-in English) and report routing statistics per MoE layer and expert."),
+    tokens: int = typer.Option(4096, "--tokens", help="With --text: tokens to run (in sequences of 256)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --text: write a layer x expert heat map of routed tokens to this PNG (needs matplotlib)."),
+    json_out: bool = JsonOpt,
+):
+    """Describe a checkpoint: family, dtypes, size, attention, per-layer FFN, parameters (+ routing statistics with --text)."""
     from .inspection import inspect_model
 
+    if (plot is not None or tokens != 4096) and text is None:
+        raise UsageError("--tokens and --plot go with --text")
+    if tokens < 1:
+        raise UsageError(f"--tokens must be >= 1, not {tokens}")
     report = inspect_model(source)
+    if text is not None:
+        from .inspection import add_routing
+
+        add_routing(report, source, _calibration(text), tokens, text if text == "pydoc" else Path(text).name)
+        if plot is not None:
+            from .routing import plot_heatmap
+
+            plot_heatmap({l["index"]: l["routing"] for l in report["layers"] if "routing" in l}, plot)
     if json_out:
         return emit_json(report)
     a = report["attention"]
@@ -118,15 +136,32 @@ def inspect(source: str = SourceArg, json_out: bool = JsonOpt):
             shared = str(row["shared_width"] or "") + (" gated" if row["shared_gate"] else "")
             table.add_row(span, "moe", str(row["num_experts"]), str(row["top_k"]), str(row["expert_width"]), shared, router)
     stdout.print(table)
+    if report.get("routing"):
+        print_routing(report)
     for note in report["notes"]:
         stdout.print(f"note: {note}")
+
+
+def print_routing(report: dict) -> None:
+    r = report["routing"]
+    rows = sorted((l for l in report["layers"] if "routing" in l), key=lambda l: -l["routing"]["max_over_mean"])
+    table = Table(title=f"routing on {r['text']} ({r['tokens']} tokens), worst balanced layers first")
+    for col in ("layer", "experts", "dead", "max/mean", "CV", "entropy", "busiest expert", "top co-activated pair"):
+        table.add_column(col, justify="right")
+    for l in rows:
+        s = l["routing"]
+        busiest = max(range(len(s["counts"])), key=lambda e: s["counts"][e])
+        pair = s["coactivation_top_pairs"][0] if s["coactivation_top_pairs"] else None
+        table.add_row(str(l["index"]), str(s["experts"]), str(len(s["dead"])), f"{s['max_over_mean']:.2f}", f"{s['cv']:.2f}", f"{s['entropy']:.3f}",
+                      f"{busiest} ({s['counts'][busiest]})", f"{pair['experts']} ({pair['tokens']})" if pair else "")
+    stdout.print(table)
 
 
 def _group_layers(layers: list[dict]):
     """Runs of identical layers: (first, last, row)."""
     runs = []
     for row in layers:
-        key = {k: v for k, v in row.items() if k != "index"}
+        key = {k: v for k, v in row.items() if k not in ("index", "routing")}
         if runs and runs[-1][2] == key:
             runs[-1][1] = row["index"]
         else:
@@ -319,6 +354,76 @@ def print_surgery(r: dict) -> None:
         stdout.print(f"check ({c['inputs']}, layers {[l['index'] for l in c['layers']]}): [{style}]{c['verdict']}[/{style}], max rel err {c['rel_err']:.2e}")
         if c.get("nonfinite"):
             stdout.print(f"  [yellow]NaN/Inf[/yellow] in {', '.join(c['nonfinite'])}")
+
+
+@app.command("prune-experts")
+def prune_experts(
+    source: str = SourceArg,
+    output: Path = typer.Argument(..., help="Output directory."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Experts to keep in every MoE layer."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of each layer's experts to remove (0-1)."),
+    method: str = typer.Option("reap", "--method", help="Saliency: reap (router-weighted activation norm), frequency, mass, random."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the saliencies are measured on (a file, or `pydoc`; default pydoc)."),
+    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
+    per_layer: bool = typer.Option(True, "--per-layer/--global", help="Rank experts within each layer (layouts hold one expert count per model)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
+    to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
+    max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"], json_out: bool = CommonSurgery["json_out"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+):
+    """Make an MoE smaller: drop the least salient experts of every layer (REAP by default), router kept consistent."""
+    from .operations import prune_experts as run
+
+    _check_serve(serve_tp, serve_ep)
+    if calibration_tokens < 1:
+        raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
+    report = run(source, output, keep=keep, fraction=fraction, method=method, calibration_text=_calibration(calibration),
+                 calibration_name=_cal_name(calibration), calibration_tokens=calibration_tokens, per_layer=per_layer, eval_text=_eval_text(text),
+                 to=to, dry_run=dry_run, overwrite=overwrite, seed=seed or 0, max_shard_size=parse_size(max_shard_size), command=command_line(),
+                 serve_tp=serve_tp, serve_ep=serve_ep)
+    emit_json(report) if json_out else print_reduction(report)
+
+
+@app.command("merge-experts")
+def merge_experts(
+    source: str = SourceArg,
+    output: Path = typer.Argument(..., help="Output directory."),
+    into: int = typer.Option(..., "--into", help="Experts per MoE layer after merging."),
+    method: str = typer.Option("frequency", "--method", help="Merged weights: frequency (frequency-weighted average) or aligned (down_proj refitted to the cluster's output)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the expert outputs and frequencies are measured on (default pydoc)."),
+    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
+    text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
+    to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
+    max_shard_size: str = CommonSurgery["max_shard_size"], json_out: bool = CommonSurgery["json_out"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+):
+    """Make an MoE smaller: cluster experts by their outputs and merge each cluster into one (HC-SMoE)."""
+    from .operations import merge_experts as run
+
+    _check_serve(serve_tp, serve_ep)
+    if calibration_tokens < 1:
+        raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
+    report = run(source, output, into=into, method=method, calibration_text=_calibration(calibration), calibration_name=_cal_name(calibration),
+                 calibration_tokens=calibration_tokens, eval_text=_eval_text(text), to=to, dry_run=dry_run, overwrite=overwrite,
+                 max_shard_size=parse_size(max_shard_size), command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep)
+    emit_json(report) if json_out else print_reduction(report)
+
+
+def _cal_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return "pydoc (built-in Python documentation)" if value == "pydoc" else Path(value).name
+
+
+def print_reduction(r: dict) -> None:
+    print_surgery(r)
+    if r.get("removed_share"):
+        s = r["removed_share"]
+        stdout.print(f"removed experts carried {s['counts']:.1%} of the routed tokens, {s['mass']:.1%} of the routing weight and "
+                     f"{s['reap']:.1%} of the REAP saliency on the calibration text")
+    if r.get("perplexity"):
+        p = r["perplexity"]
+        stdout.print(f"perplexity: source {p['reference']:.3f}, output {p['candidate']:.3f} (x{p['ratio']:.3f}) over {p['tokens']} tokens")
 
 
 def _eval_text(value: str | None) -> str | None:

@@ -96,3 +96,21 @@ def wrapper_report(w) -> dict | None:
         "passthrough_parts": tops,
         "passthrough_examples": names[:3],
     }
+
+
+def add_routing(report: dict, spec, text: str, tokens: int, text_name: str) -> None:
+    """Routing statistics on `text` under report["layers"][i]["routing"] (and report["routing"]: what was run)."""
+    from .calibration import chunk, tokenize
+    from .routing import routing_statistics
+
+    opened = open_model(spec)
+    if not opened.model.moe_layers():
+        from .errors import BadInputError
+
+        raise BadInputError(f"{opened.model.family} is dense: routing statistics need an MoE")
+    ids = chunk(tokenize(opened.source.path, text, opened.model.arch.vocab_size), 256, tokens)
+    stats = routing_statistics(opened.model, ids)
+    for row in report["layers"]:
+        if row["index"] in stats:
+            row["routing"] = stats[row["index"]]
+    report["routing"] = {"text": text_name, "tokens": int(ids.numel())}

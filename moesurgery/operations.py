@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from .canonical import Model, MoE, SwiGLU, model_params
 from .errors import BadInputError, UsageError
 from .express import express
@@ -374,3 +376,173 @@ def upcycle(
         operation = "dense-upcycle"
     return _finish(opened, model.with_layers(layers), target, output, operation=operation, surgery_lossy=lossy, measured=measured,
                    allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep)
+
+
+# ---------------------------------------------------------------------------------------- pruning / merging
+def _moe_stats(model: Model, calibration_text: str, source_dir, tokens: int, device: str = "cpu"):
+    """(per MoE layer: (stats, a sample of its FFN inputs [<=256, H]), calibration summary) from one streamed pass."""
+    from .calibration import chunk, ffn_inputs, tokenize
+    from .routing import expert_stats
+
+    ids = chunk(tokenize(source_dir, calibration_text, model.arch.vocab_size), 256, tokens)
+    out = {}
+    for i, h in ffn_inputs(model, ids, device=device):
+        layer = model.layers[i]
+        if isinstance(layer.ffn, MoE):
+            out[i] = (expert_stats(h, layer.ffn), h[:: max(1, len(h) // 256)][:256].clone())
+    return out, {"tokens": int(ids.numel())}
+
+
+def _reduce_checks(model: Model, what: str, keep: int) -> tuple[int, int]:
+    moe = model.moe_layers()
+    if not moe:
+        raise BadInputError(f"{model.family} is dense: {what} needs an MoE source")
+    E, k = len(moe[0].ffn.experts), moe[0].ffn.router.top_k
+    if any(l.ffn.router.grouped for l in moe):
+        raise BadInputError(f"{what} of a group-limited router (n_group > 1) is not supported: the groups would lose experts unevenly")
+    if keep < 1:
+        raise UsageError(f"{what}: keep at least 1 expert, not {keep}")
+    if keep >= E:
+        raise UsageError(f"{what}: keeping {keep} of {E} experts removes nothing")
+    if keep < k:
+        raise UsageError(f"{what}: {keep} experts are fewer than the router's top-{k}")
+    return E, k
+
+
+def _eval_perplexity(report: dict, source, output, text: str | None) -> None:
+    if text is None:
+        return
+    from .verify import verify
+
+    v = verify(source, output, text=text)
+    report["perplexity"] = {**v["perplexity"], "ratio": v["perplexity"]["candidate"] / v["perplexity"]["reference"], "tokens": v["inputs"]["tokens_scored"]}
+
+
+def prune_experts(
+    source, output, *, keep: int | None = None, fraction: float | None = None, method: str = "reap", calibration_text: str | None = None,
+    calibration_name: str | None = None, calibration_tokens: int = 4096, per_layer: bool = True, eval_text: str | None = None,
+    to: str | None = None, allow_lossy: bool = True, dry_run: bool = False, overwrite: bool = False, seed: int = 0,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery prune-experts", serve_tp: int = 1, serve_ep: int = 1,
+) -> dict:
+    """Drop the least salient experts of every MoE layer (the same number per layer: layouts hold one expert
+    count); router rows, correction bias and stored forms follow; top-k and shared experts unchanged. Exact only
+    where every dropped expert is one no input can select."""
+    from .surgery.prune import METHODS, keep_top, prune_moe, saliency, unselectable
+
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if (keep is None) == (fraction is None):
+        raise UsageError("give --keep N or --fraction F (the share of experts to remove), one of them")
+    if not per_layer:
+        raise UsageError("--global pruning keeps a different number of experts per layer, and every supported layout holds one "
+                         "expert count for all its layers: use --per-layer")
+    opened = open_model(source)
+    model = opened.model
+    E = len(model.moe_layers()[0].ffn.experts) if model.moe_layers() else 0
+    if fraction is not None:
+        if not 0 < fraction < 1:
+            raise UsageError(f"--fraction must be between 0 and 1 (the share of experts removed), not {fraction}")
+        keep = E - round(fraction * E) if E else 0
+    _reduce_checks(model, "prune-experts", keep)
+    to = to or opened.layout.name
+    opened, target = _prepare(source, output, to, dry_run, overwrite, opened)
+    stats, calibration = {}, None
+    if method != "random" and not dry_run:
+        if calibration_text is None:
+            from .texts import calibration_text as builtin
+
+            calibration_text, calibration_name = builtin(), "pydoc (built-in Python documentation, the default)"
+        stats, calibration = _moe_stats(model, calibration_text, opened.source.path, calibration_tokens)
+        calibration["name"] = calibration_name or "given text"
+    layers, kept, proven = [], {}, True
+    for layer in model.layers:
+        if isinstance(layer.ffn, MoE):
+            never = set(unselectable(layer.ffn))
+            if dry_run and method != "random":
+                chosen = list(range(keep))  # the plan's shapes only: nothing is read
+            else:
+                scores = saliency(stats[layer.index][0] if layer.index in stats else {}, method, E, seed + layer.index)
+                scores = torch.where(torch.tensor([e in never for e in range(E)]), torch.full_like(scores, -float("inf")), scores)
+                chosen = keep_top(scores, keep)
+            proven &= set(range(E)) - set(chosen) <= never
+            kept[layer.index] = chosen
+            layer = replace(layer, ffn=prune_moe(layer.ffn, chosen))
+        layers.append(layer)
+    lossy = [] if proven else [f"{E - keep} of {E} experts removed per MoE layer by {method} saliency: tokens routed to them go elsewhere"]
+    check_inputs = {i: s[1][:64] for i, s in stats.items() if i in pick_layers_of(model)} or None
+    report = _finish(opened, model.with_layers(layers), target, output, operation="prune-experts", surgery_lossy=lossy, measured=[],
+                     allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
+                     expect_exact=proven, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration)
+    report.update(method=method, kept={str(i): v for i, v in kept.items()}, removed_per_layer=E - keep)
+    if stats:
+        report["removed_share"] = {key: _removed_share(stats, kept, key) for key in ("counts", "mass", "reap")}
+    if not dry_run:
+        _eval_perplexity(report, source, output, eval_text)
+    return report
+
+
+def pick_layers_of(model: Model) -> set[int]:
+    return set(pick_layers(len(model.layers)))
+
+
+def _removed_share(stats: dict, kept: dict, key: str) -> float:
+    """The share of the calibration routing (`key`) that went to the removed experts, over all MoE layers."""
+    total = removed = 0.0
+    for i, (s, _) in stats.items():
+        v = s[key].double()
+        total += float(v.sum())
+        removed += float(v.sum() - v[kept[i]].sum())
+    return removed / total if total else 0.0
+
+
+def merge_experts(
+    source, output, *, into: int, method: str = "frequency", calibration_text: str | None = None, calibration_name: str | None = None,
+    calibration_tokens: int = 4096, eval_text: str | None = None, to: str | None = None, dry_run: bool = False, overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1,
+) -> dict:
+    """Cluster each MoE layer's experts by their outputs on calibration hidden states (HC-SMoE), merge each cluster
+    into one expert (frequency-weighted average; `aligned`: down_proj refitted to the members' weighted output) and
+    fit its router row to the cluster's routing mass. Lossy; measured."""
+    from .surgery.prune import MERGE_METHODS, cluster_experts, expert_outputs, merge_moe
+
+    if method not in MERGE_METHODS:
+        raise UsageError(f"--method must be one of {', '.join(MERGE_METHODS)}, not {method!r}")
+    opened = open_model(source)
+    model = opened.model
+    E, _ = _reduce_checks(model, "merge-experts", into)
+    to = to or opened.layout.name
+    opened, target = _prepare(source, output, to, dry_run, overwrite, opened)
+    layers, calibration, clusters_of, fit_errors = [], None, {}, []
+    if dry_run:
+        from .surgery.prune import prune_moe
+
+        layers = [replace(l, ffn=prune_moe(l.ffn, list(range(into)))) if isinstance(l.ffn, MoE) else l for l in model.layers]
+        stats = {}
+    else:
+        if calibration_text is None:
+            from .texts import calibration_text as builtin
+
+            calibration_text, calibration_name = builtin(), "pydoc (built-in Python documentation, the default)"
+        stats, calibration = _moe_stats(model, calibration_text, opened.source.path, calibration_tokens)
+        calibration["name"] = calibration_name or "given text"
+        for layer in model.layers:
+            if isinstance(layer.ffn, MoE):
+                s, h = stats[layer.index]
+                feats = expert_outputs(h[:128], layer.ffn)  # [E, T, H]
+                clusters = cluster_experts(feats, into)
+                ffn, info = merge_moe(layer.ffn, clusters, s["counts"], h, method)
+                clusters_of[layer.index] = clusters
+                fit_errors += info["aligned_rel_err"]
+                layer = replace(layer, ffn=ffn)
+            layers.append(layer)
+    check_inputs = {i: s[1][:64] for i, s in stats.items() if i in pick_layers_of(model)} or None
+    report = _finish(opened, model.with_layers(layers), target, output, operation="merge-experts",
+                     surgery_lossy=[f"{E} experts merged into {into} per MoE layer ({method} average, router rows fitted)"], measured=[],
+                     allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
+                     expect_exact=False, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration)
+    report.update(method=method, clusters={str(i): c for i, c in clusters_of.items()})
+    if fit_errors:
+        report["aligned_fit_rel_err"] = sum(fit_errors) / len(fit_errors)
+    if not dry_run:
+        _eval_perplexity(report, source, output, eval_text)
+    return report
