@@ -179,19 +179,23 @@ def run(args) -> dict:
             for method in args.methods:
                 oracle_done = False
                 real = [r for r in args.routers if r != "oracle"] or ["centroid"]  # the oracle needs a split's experts
+                if method == "default":  # the command a user types without --method / --router: its defaults
+                    real = ["default"]
                 for router in real:
                     out = scratch / f"{frac}-{method}-{router}"
                     t = time.perf_counter()
-                    report = split_experts(source, out, experts=N, top_k=K, shared=S, method=method, router=router,
+                    report = split_experts(source, out, experts=N, top_k=K, shared=S, method=None if method == "default" else method,
+                                           router=None if router == "default" else router,
                                            calibration_text=cal_text, calibration_tokens=args.calibration_tokens, seed=args.seed,
                                            sequential=args.sequential, first_k_dense=args.first_k_dense)
                     split_s = time.perf_counter() - t
                     measured = report["measured"]
                     cal = {key: sum(m[key] for m in measured) / len(measured) for key in ("rel_err", "oracle_rel_err", "router_oracle_agreement")}
-                    if router in args.routers:
+                    if router in args.routers or router == "default":
                         t = time.perf_counter()
                         res = evaluate(out, ids)
-                        rows.append(row(frac, N, K, S, method, router, res, dense, cal, split_s, time.perf_counter() - t, args))
+                        label = (f"default ({report['method']})", f"default ({report['router']})") if method == "default" else (method, router)
+                        rows.append(row(frac, N, K, S, *label, res, dense, cal, split_s, time.perf_counter() - t, args))
                     if "oracle" in args.routers and not oracle_done:
                         t = time.perf_counter()
                         res = evaluate(out, ids, mode="oracle")
@@ -259,7 +263,7 @@ def table(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fractions", default="75,50,25", help="active fractions in %% (of 75, 50, 25)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="partition methods, and `default`: the command without --method / --router")
     p.add_argument("--routers", default=",".join(ROUTERS), help="centroid, fitted, oracle (the oracle is evaluated on the first split's experts)")
     p.add_argument("--calibration-tokens", type=int, default=4096)
     p.add_argument("--eval-seqs", type=int, default=8, help="held-out sequences of --seq-len tokens")
@@ -278,7 +282,7 @@ def main(argv=None) -> int:
     args.fractions = [int(f) for f in str(args.fractions).split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
     args.routers = [r for r in args.routers.split(",") if r]
-    bad = [f for f in args.fractions if f not in CONFIGS] + [m for m in args.methods if m not in METHODS] + [r for r in args.routers if r not in ROUTERS]
+    bad = [f for f in args.fractions if f not in CONFIGS] + [m for m in args.methods if m not in METHODS and m != "default"] + [r for r in args.routers if r not in ROUTERS]
     if bad:
         p.error(f"unknown {bad} (fractions {list(CONFIGS)}, methods {METHODS}, routers {ROUTERS})")
     result = run(args)
