@@ -55,7 +55,7 @@ def main() -> None:
         coarse, fine = tmp / "coarse", tmp / "fine"
         t = time.time()
         split_experts(dense, coarse, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
-                      first_k_dense=1, to="deepseek_v3", allow_lossy=True)
+                      first_k_dense=1, to="deepseek", allow_lossy=True)
         split_experts(coarse, fine, granularity=4)
         print(f"splits: {time.time() - t:.0f} s", flush=True)
         base = {name: held_out_ppl(path, path) for name, path in (("coarse", coarse), ("fine", fine))}

@@ -184,8 +184,9 @@ def run(args) -> dict:
                 for router in real:
                     out = scratch / f"{frac}-{method}-{router}"
                     t = time.perf_counter()
+                    target = {} if method == "default" else {"to": "deepseek"}  # the default row: whatever the command picks
                     report = split_experts(source, out, experts=N, top_k=K, shared=S, method=None if method == "default" else method,
-                                           router=None if router == "default" else router,
+                                           router=None if router == "default" else router, **target,
                                            calibration_text=cal_text, calibration_tokens=args.calibration_tokens, seed=args.seed,
                                            sequential=args.sequential, first_k_dense=args.first_k_dense)
                     split_s = time.perf_counter() - t
@@ -194,7 +195,8 @@ def run(args) -> dict:
                     if router in args.routers or router == "default":
                         t = time.perf_counter()
                         res = evaluate(out, ids)
-                        label = (f"default ({report['method']})", f"default ({report['router']})") if method == "default" else (method, router)
+                        label = ((f"default ({report['method']}, {report['target_layout']})", f"default ({report['router']})") if method == "default"
+                                 else (method, router))
                         rows.append(row(frac, N, K, S, *label, res, dense, cal, split_s, time.perf_counter() - t, args))
                     if "oracle" in args.routers and not oracle_done:
                         t = time.perf_counter()
