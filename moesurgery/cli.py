@@ -42,7 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Mixture-of-Experts surgery on Hugging Face checkpoints: inspect, convert, split, upcycle, verify, bench.",
 )
-stdout = Console(soft_wrap=True)
+stdout = Console(soft_wrap=True, emoji=False)  # `tiny:llama` is a name, not :llama:
 state: dict = {"debug": False, "argv": None}
 
 SourceArg = typer.Argument(..., help="Local checkpoint directory, Hub repo id `org/name[@revision]`, or `tiny:<family>` (built in).")
@@ -302,6 +302,10 @@ def upcycle(
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Dense source: routed experts per token (a multiple of G)."),
     shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Always-on experts: carved from the FFN (dense) or extracted from what experts share (MoE)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="First K layers dense: kept as they are (dense source) or the mean of their experts (MoE source, lossy)."),
+    donor: Optional[list[str]] = typer.Option(None, "--donor", help="A fine-tuned model of SOURCE (repeat): each donor's FFN becomes a virtual group of --granularity experts; attention, embeddings and norms come from SOURCE."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="With --donor: a text file of what the donor is good at (repeat, one per --donor, same order); initialises its router rows."),
+    shared_from: str = typer.Option("base", "--shared-from", help="With --donor: shared experts carved from SOURCE's FFN (base) or from the donors' mean (mean)."),
+    donor_router: Optional[str] = typer.Option(None, "--router", help="With --donor: router init: hidden (mean hidden states of the prompts, mergekit's), calibration (weighted by each donor's activation mass), random (default: hidden with --prompts)."),
     router_noise: Optional[float] = typer.Option(None, "--router-noise", help="Symmetry breaking: std of noise on router rows (lossy)."),
     reinit_fraction: Optional[float] = typer.Option(None, "--reinit-fraction", help="Drop-Upcycling: re-initialise this fraction of each expert (lossy)."),
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
@@ -309,9 +313,26 @@ def upcycle(
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
     serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
 ):
-    """Upcycle: dense -> MoE exact at init (virtual groups + shared experts); Mixtral -> DeepSeek-style."""
+    """Upcycle: dense -> MoE exact at init (virtual groups + shared experts); Mixtral -> DeepSeek-style; several
+    fine-tuned donors of one base -> an MoE of their FFNs (--donor)."""
     from .operations import upcycle as run
-    from .recipes import load_recipe, merge
+    from .recipes import load_donors, load_recipe, merge
+
+    recipe_donors, recipe_prompts = load_donors(recipe) if recipe else ([], [])
+    if donor or recipe_donors:
+        from .operations import upcycle_donors
+
+        options = load_recipe(recipe, "upcycle") if recipe else {}
+        _check_serve(serve_tp, serve_ep)
+        texts = [_eval_text_file(p) for p in prompts] if prompts else recipe_prompts
+        g = granularity if granularity is not None else options.get("granularity", 1)
+        report = upcycle_donors(source, output, donors=list(donor) if donor else recipe_donors, prompts=texts, granularity=g,
+                                top_k=top_k if top_k is not None else options.get("top_k"), shared=shared if shared is not None else options.get("shared", 0),
+                                shared_from=shared_from, router=donor_router, to=to or options.get("to"), dry_run=dry_run, overwrite=overwrite,
+                                max_shard_size=parse_size(max_shard_size), seed=seed or 0, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep)
+        return emit_json(report) if json_out else print_donors(report)
+    if prompts or donor_router is not None:
+        raise UsageError("--prompts and --router go with --donor")
 
     defaults = dict(granularity=None, experts=None, top_k=None, shared=0, first_k_dense=0, router_noise=0.0, reinit_fraction=0.0, to=None, seed=0)
     flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, first_k_dense=first_k_dense, router_noise=router_noise,
@@ -407,6 +428,27 @@ def merge_experts(
                  calibration_tokens=calibration_tokens, eval_text=_eval_text(text), to=to, dry_run=dry_run, overwrite=overwrite,
                  max_shard_size=parse_size(max_shard_size), command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep)
     emit_json(report) if json_out else print_reduction(report)
+
+
+def _eval_text_file(value: str) -> str:
+    path = Path(value)
+    if not path.is_file():
+        raise BadInputError(f"--prompts: no such file {value}")
+    return path.read_text(errors="replace")
+
+
+def print_donors(r: dict) -> None:
+    print_surgery(r)
+    sep = r.get("separability")
+    if sep:
+        stdout.print(f"router rows ({r['router_init']}): largest cosine between donors' mean hidden states {sep['max_mean_cosine']:.3f} "
+                     "(1 = indistinguishable); share of each donor's prompt tokens routed first to its own experts: "
+                     + ", ".join(f"{x:.0%}" for x in sep["own_group_first"]))
+    for d in r["donors"]:
+        if "perplexity" in d:
+            p = d["perplexity"]
+            stdout.print(f"donor {d['source']}: on its prompts, MoE vs donor FFN blocks rel err {d['block_rel_err_mean']:.3f} (mean over layers), "
+                         f"top-1 agreement {d['top1_agreement']:.3f}, perplexity donor {p['reference']:.2f} / MoE {p['candidate']:.2f}")
 
 
 def _cal_name(value: str | None) -> str | None:

@@ -546,3 +546,113 @@ def merge_experts(
     if not dry_run:
         _eval_perplexity(report, source, output, eval_text)
     return report
+
+
+# ---------------------------------------------------------------------------------------- donors
+def _check_donor(base: Model, donor: Model, name: str) -> None:
+    """Every tensor the MoE takes from BASE must have the donor's shape (one-line error naming it)."""
+    if donor.moe_layers():
+        raise BadInputError(f"donor {name} is an MoE: donors are dense fine-tunes of the base")
+    if len(donor.layers) != len(base.layers):
+        raise BadInputError(f"donor {name} has {len(donor.layers)} layers, the base {len(base.layers)}")
+    pairs = [("model.embed_tokens.weight", base.embed, donor.embed)]
+    for lb, ld in zip(base.layers, donor.layers):
+        for k, t in lb.attn.items():
+            other = ld.attn.get(k)
+            pairs.append((f"model.layers.{lb.index}.{k}", t, other))
+        for p in ("gate", "up", "down"):
+            pairs.append((f"model.layers.{lb.index}.mlp.{p}_proj.weight", getattr(lb.ffn, p), getattr(ld.ffn, p)))
+    for key, a, b in pairs:
+        if b is None:
+            raise BadInputError(f"donor {name} has no {key}")
+        if a.shape != b.shape:
+            raise BadInputError(f"donor {name}: {key} has shape {list(b.shape)}, the base {list(a.shape)}")
+
+
+def upcycle_donors(
+    base_source, output, *, donors: list, prompts: list | None = None, granularity: int = 1, top_k: int | None = None, shared: int = 0,
+    shared_from: str = "base", router: str | None = None, to: str | None = None, allow_lossy: bool = True, dry_run: bool = False,
+    overwrite: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle",
+    serve_tp: int = 1, serve_ep: int = 1, diagnose: bool = True,
+) -> dict:
+    """An MoE from BASE and several fine-tuned donors (see surgery/donors.py): attention, embeddings and norms from
+    BASE; donor d's FFN as a virtual group of `granularity` experts; `shared` experts from BASE (or the donors' mean);
+    router rows from each donor's prompts (hidden), their activation mass (calibration) or random. With every donor
+    equal to BASE it computes BASE exactly; otherwise the report measures, per donor, how close the MoE is to that
+    donor on its own prompts."""
+    from .calibration import ffn_inputs, tokenize
+    from .surgery.donors import ROUTER_MODES, SHARED_FROM, activation_mass, donor_moe, router_rows, separability
+
+    prompts = list(prompts or [])
+    if not donors:
+        raise UsageError("--donor: give at least one donor model")
+    if prompts and len(prompts) != len(donors):
+        raise UsageError(f"{len(prompts)} prompt sets for {len(donors)} donors: give one --prompts per --donor, in the same order")
+    router = router or ("hidden" if prompts else "random")
+    if router not in ROUTER_MODES:
+        raise UsageError(f"--router for donors must be one of {', '.join(ROUTER_MODES)}, not {router!r}")
+    if router != "random" and not prompts:
+        raise UsageError(f"--router {router} needs prompts (or calibration text) for every donor: --prompts FILE per --donor")
+    if shared_from not in SHARED_FROM:
+        raise UsageError(f"--shared-from must be base or mean, not {shared_from!r}")
+    top_k = top_k if top_k is not None else granularity * min(2, len(donors))
+    opened = open_model(base_source)
+    base = opened.model
+    if base.moe_layers():
+        raise BadInputError(f"base {opened.source.name} is an MoE: donors are stacked on a dense base")
+    donor_opened = [open_model(d) for d in donors]  # headers only: nothing is read yet
+    for d in donor_opened:
+        _check_donor(base, d.model, d.source.name)
+    if to is None:
+        to = native_target(base, shared)
+    opened, target = _prepare(base_source, output, to, dry_run, overwrite, opened)
+    D, H = len(donors), base.arch.hidden_size
+    for layer in base.layers:
+        from .surgery.donors import slices
+
+        try:
+            slices(layer.ffn.width, granularity, shared)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if top_k % granularity or not 0 < top_k <= D * granularity:
+        raise UsageError(f"--top-k {top_k} must be a multiple of --granularity {granularity} and at most {D * granularity}")
+    means = {i: [] for i in range(len(base.layers))}
+    hs = {i: [] for i in range(len(base.layers))}
+    if router != "random" and not dry_run:
+        for d, (text, donor) in enumerate(zip(prompts, donor_opened)):
+            ids = tokenize(opened.source.path, text, base.arch.vocab_size)[None, :1024]
+            for i, h in ffn_inputs(base, ids):
+                if router == "calibration":
+                    w = activation_mass(h, donor.model.layers[i].ffn)
+                    means[i].append((h * w[:, None]).sum(0) / w.sum().clamp(min=1e-12))
+                else:
+                    means[i].append(h.mean(0))
+                hs[i].append(h[:256])
+    scoring = _scoring(target)
+    fold = target.scaling and scoring == "sigmoid"
+    layers, per_layer = [], []
+    for layer in base.layers:
+        i = layer.index
+        rows = router_rows(means[i], router, D, H, seed, i)  # (a dry run has no means: placeholder rows, nothing read)
+        moe = donor_moe(layer.ffn, [dm.model.layers[i].ffn for dm in donor_opened], rows, granularity=granularity, top_k=top_k,
+                        shared=shared, shared_from=shared_from, scoring=scoring, fold_into_scaling=fold)
+        if means[i]:
+            per_layer.append({"index": i, **separability(rows, hs[i], means[i])})
+        layers.append(replace(layer, ffn=moe))
+    report = _finish(opened, base.with_layers(layers), target, output, operation="donor-upcycle", surgery_lossy=[], measured=per_layer,
+                     allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
+                     expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep)
+    report["donors"] = [{"source": d.source.name} for d in donor_opened]
+    report["router_init"] = router
+    if per_layer:
+        report["separability"] = {"max_mean_cosine": max(l["max_mean_cosine"] or 0 for l in per_layer),
+                                  "own_group_first": [sum(l["own_group_first"][d] for l in per_layer) / len(per_layer) for d in range(D)]}
+    if not dry_run and diagnose and prompts:
+        from .verify import verify
+
+        for d, (text, donor) in enumerate(zip(prompts, donor_opened)):
+            v = verify(donor.source.path, output, text=text)
+            errs = [l["rel_err"] for l in v["layers"]]
+            report["donors"][d].update(block_rel_err_mean=sum(errs) / len(errs), logits_rel_err=v["logits"]["rel_err"],
+                                       top1_agreement=v["logits"]["top1_agreement"], perplexity=v["perplexity"])
+    return report

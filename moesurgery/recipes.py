@@ -82,3 +82,27 @@ def merge(recipe: dict, flags: dict, defaults: dict, types: dict | None = None) 
     out.update({k: v for k, v in recipe.items()})
     out.update({k: v for k, v in flags.items() if v is not None})
     return out
+
+
+def load_donors(name_or_file: str) -> tuple[list[str], list[str]]:
+    """A recipe's [[donors]] (each `source` and its `prompts`: a list of strings or a file): (sources, prompt texts)."""
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_file}.toml"
+    donors = tomllib.loads(path.read_text()).get("donors", [])
+    sources, prompts = [], []
+    for i, d in enumerate(donors):
+        if not isinstance(d, dict) or not isinstance(d.get("source"), str):
+            raise UsageError(f"--recipe: {path.name}: donor {i + 1} needs a `source`")
+        sources.append(d["source"])
+        p = d.get("prompts")
+        if isinstance(p, list):
+            prompts.append("\n".join(str(x) for x in p))
+        elif isinstance(p, str):
+            f = Path(p) if Path(p).is_absolute() else path.parent / p
+            if not f.is_file():
+                raise UsageError(f"--recipe: {path.name}: donor {d['source']}: no prompts file {p}")
+            prompts.append(f.read_text(errors="replace"))
+    if prompts and len(prompts) != len(sources):
+        raise UsageError(f"--recipe: {path.name}: give prompts for every donor or for none")
+    return sources, prompts
