@@ -97,7 +97,7 @@ class Arch:
     rope_scaling: dict | None = None  # legacy HF form: {"rope_type": ..., "factor": ...}
     partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool = False
-    attention: Literal["gqa", "mla"] = "gqa"
+    attention: Literal["gqa", "mla", "hybrid"] = "gqa"  # hybrid: Qwen3-Next / 3.5 (Gated DeltaNet + gated attention layers)
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: Literal[None, "head", "full"] = None
@@ -105,10 +105,18 @@ class Arch:
     mla: dict = field(default_factory=dict)  # q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim... (+ "variant")
     rope_interleave: bool = False  # GQA rotating (x0, x1), (x2, x3)... pairs (ERNIE-4.5), not rotate_half
     indexer: dict | None = None  # DSA lightning indexer: {topk, heads, head_dim, interleave, types: ["full"|"shared"] per layer}
+    layer_types: list | None = None  # hybrid: "linear_attention" / "full_attention" per layer
+    linear_attn: dict = field(default_factory=dict)  # hybrid: Gated DeltaNet dims {nk, nv, dk, dv, kernel}
+    norm_offset: bool = False  # RMSNorms apply (1 + w), zero-centred (Qwen3-Next / 3.5)
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config
 
     def describe_attention(self) -> str:
+        if self.attention == "hybrid":
+            linear = sum(t == "linear_attention" for t in self.layer_types or [])
+            return (f"hybrid: {linear} Gated DeltaNet layers ({self.linear_attn.get('nk')}/{self.linear_attn.get('nv')} heads) + "
+                    f"{self.num_layers - linear} gated attention layers ({self.num_heads}/{self.num_kv_heads} heads x {self.head_dim}, "
+                    f"partial rotary {self.partial_rotary_factor})")
         if self.attention == "mla":
             out = f"MLA ({self.num_heads} heads, kv_lora_rank {self.mla.get('kv_lora_rank')})"
             if self.indexer:
@@ -162,6 +170,7 @@ class Model:
     extras: dict[str, Lazy] = field(default_factory=dict)  # tensors outside the decoder (e.g. MTP)
     quantization: dict | None = None  # the source's block-scaled fp8 quantization_config (weights read dequantized)
     wrapper: "object | None" = None  # nesting.Wrapper: the multimodal model around this language model, if any
+    experts_stored: str = "per_expert"  # how the source stored its experts: per_expert | fused (layouts that write "as_read")
 
     def moe_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]

@@ -104,8 +104,11 @@ def inspect(
     head = Table.grid(padding=(0, 2))
     head.add_row("source", report["source"])
     head.add_row("family", f"{report['model_type']} ({report['architecture']})")
-    if report.get("wrapper"):
-        w = report["wrapper"]
+    w = report.get("wrapper")
+    if w and not w["model_type"]:
+        head.add_row("prefix", f"text-only, the tensors under {w['text_prefix']} (kept there)"
+                     + (f"; {w['passthrough_tensors']} other tensors pass through" if w["passthrough_tensors"] else ""))
+    elif w:
         head.add_row("wrapper", f"{w['model_type']} ({w['architecture']}): the language model is under {w['text_prefix']}; "
                      f"{w['passthrough_tensors']} other tensors ({human_bytes(w['passthrough_bytes'])}: {', '.join(w['passthrough_parts'])}) "
                      "pass through every command byte for byte")

@@ -57,6 +57,8 @@ def express_attention(model: Model, layout: Layout, out: Expressed) -> tuple[Arc
         arch.rope_scaling = {k: v for k, v in arch.rope_scaling.items() if k != "llama_4_scaling_beta"}
     if arch.attention == "mla":
         return express_mla(model, arch, layout, out)
+    if arch.attention == "hybrid":
+        return arch, express_linear_attention(model, arch, layout)
     if arch.qk_norm not in layout.qk_norms:
         have = f"qk-norm over {'each head' if arch.qk_norm == 'head' else 'the whole projection'}" if arch.qk_norm else "no qk-norm"
         raise BadInputError(f"{model.family} attention has {have}; {name} attention cannot host it")
@@ -94,6 +96,48 @@ def express_attention(model: Model, layout: Layout, out: Expressed) -> tuple[Arc
     arch.qkv_bias = "q" in wanted
     arch.o_bias = "o" in wanted
     return arch, layers
+
+
+LINEAR_GROUPED = ("linear_attn.in_proj_qkvz.weight", "linear_attn.in_proj_ba.weight")  # Qwen3-Next: rows grouped per key head
+LINEAR_FLAT = tuple(f"linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a"))  # Qwen3.5: flat
+
+
+def express_linear_attention(model: Model, arch: Arch, layout: Layout) -> list[Layer]:
+    """Gated DeltaNet layers in the target's projection form: Qwen3-Next's per-key-head fused rows and
+    Qwen3.5's flat tensors are row permutations of each other (exact); everything else is the same tensor."""
+    from .runtime.gdn import group_qkv_z_ba, split_qkvz_ba
+
+    la, want = arch.linear_attn, layout.linear_attn_form
+    layers = []
+    for layer in model.layers:
+        attn = dict(layer.attn)
+        if want == "flat" and LINEAR_GROUPED[0] in attn:
+            qkvz, ba = attn.pop(LINEAR_GROUPED[0]), attn.pop(LINEAR_GROUPED[1])
+            flat = {f"linear_attn.{k}": v for k, v in _split_lazily(qkvz, ba, la, split_qkvz_ba).items()}
+            attn.update(flat)
+        elif want == "grouped" and LINEAR_FLAT[0] in attn:
+            parts = {k[len("linear_attn."):]: attn.pop(k) for k in LINEAR_FLAT}
+            attn.update(dict(zip(LINEAR_GROUPED, _group_lazily(parts, la, group_qkv_z_ba))))
+        layers.append(replace(layer, attn=attn))
+    return layers
+
+
+def _split_lazily(qkvz: Lazy, ba: Lazy, la: dict, split) -> dict[str, Lazy]:
+    """Lazy views of split_qkvz_ba's four tensors (the two sources read once per output tensor)."""
+    nk, dk, nv, dv, H = la["nk"], la["dk"], la["nv"], la["dv"], qkvz.shape[-1]
+    rows = {"in_proj_qkv.weight": 2 * nk * dk + nv * dv, "in_proj_z.weight": nv * dv, "in_proj_b.weight": nv, "in_proj_a.weight": nv}
+    return {k: Lazy((n, H), qkvz.dtype, lambda k=k: split(qkvz.load(), ba.load(), la)[k]) for k, n in rows.items()}
+
+
+def _group_lazily(parts: dict[str, Lazy], la: dict, group) -> tuple[Lazy, Lazy]:
+    first = parts["in_proj_qkv.weight"]
+    H, nv, dv = first.shape[-1], la["nv"], la["dv"]
+    n_qkvz = first.shape[0] + nv * dv
+
+    def load(i: int) -> torch.Tensor:
+        return group({k: v.load() for k, v in parts.items()}, la)[i]
+
+    return Lazy((n_qkvz, H), first.dtype, lambda: load(0)), Lazy((2 * nv, H), first.dtype, lambda: load(1))
 
 
 def express_mla(model: Model, arch: Arch, layout: Layout, out: Expressed) -> tuple[Arch, list[Layer]]:

@@ -86,6 +86,9 @@ def wrapper_report(w) -> dict | None:
     if w is None:
         return None
     names = sorted(w.passthrough)
+    if not w.multimodal:
+        return {"model_type": None, "architecture": None, "text_prefix": w.prefix, "passthrough_tensors": len(names),
+                "passthrough_bytes": sum(t.nbytes for t in w.passthrough.values()), "passthrough_parts": [], "passthrough_examples": names[:3]}
     tops = sorted({n.split(".")[0] if not n.startswith("model.") else ".".join(n.split(".")[:2]) for n in names})
     return {
         "model_type": w.model_type,

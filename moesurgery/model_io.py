@@ -74,6 +74,8 @@ def open_model(spec: str | Path) -> Opened:
     if wrapper_cfg is not None:
         view, wrapper = nesting.open_text(reader, wrapper_cfg, moved)
         cfg["tie_word_embeddings"] = "lm_head.weight" not in view  # the wrapper decides tying; the checkpoint shows it
+    elif (prefixed := nesting.open_prefixed(reader)) is not None:  # text-only, saved under a wrapper's prefix
+        view, wrapper = prefixed
     try:
         model = layout.read(cfg, view)
         if block is not None or group is not None:
@@ -107,7 +109,12 @@ def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]
         else:
             tensors, quantized = kept, True
             notes.append(f"written as {kind} like the source (the same stored bytes on exact slices, its quantization_config)")
-    if w is not None:  # the same wrapper around the new language model; the rest passes through as stored
+    if w is not None and not w.multimodal:  # text-only under a prefix: the same names, the rest as stored
+        config = w.nest(config, tied=model.lm_head is None)
+        if quantized:
+            config["quantization_config"] = model.quantization
+        tensors += [PlannedTensor(k, v) for k, v in w.passthrough.items()]
+    elif w is not None:  # the same wrapper around the new language model; the rest passes through as stored
         config = w.nest(config, tied=model.lm_head is None)
         target = config if "quantization_config" in w.moved else config["text_config"]
         config.pop("quantization_config", None)

@@ -32,7 +32,7 @@ from .writer import DEFAULT_MAX_SHARD_SIZE, check_output_path
 # dense sources -> glm4_moe (sigmoid router with routed_scaling_factor: virtual groups exact; renormalises in
 # llama.cpp too); MoE sources (softmax routers, Mixtral) -> qwen2_moe (softmax, fine-grained + a gated shared
 # expert, exact). Each is taken only if it holds the source's attention exactly.
-NATIVE_FOR_DENSE = ("glm4_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+NATIVE_FOR_DENSE = ("glm4_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "qwen3_5_moe_text")
 NATIVE_FOR_MOE = ("qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v3", "deepseek_v2", "mistral4")
 
 
@@ -174,7 +174,7 @@ def check_recipe_model(recipe_model: dict | None, opened: Opened) -> None:
         return
     cfg = opened.config
     wrapper = opened.model.wrapper
-    if wrapper is not None:  # a wrapper recipe: its model_type against the wrapper, its text_config against the language model
+    if wrapper is not None and wrapper.multimodal:  # a wrapper recipe: its model_type against the wrapper, its text_config against the language model
         if recipe_model.get("model_type", wrapper.model_type) != wrapper.model_type:
             raise UsageError(f"--recipe is written for a {recipe_model['model_type']} model; the source is a {wrapper.model_type}")
         recipe_model = recipe_model.get("text_config", {})
@@ -347,8 +347,6 @@ def upcycle(
                 if f % granularity:
                     raise UsageError(f"--granularity {granularity} does not divide the expert width {f}")
                 if shared:
-                    if ffn.shared_gate is not None:
-                        raise BadInputError(f"layer {layer.index} has a gated shared expert: cannot add ungated shared neurons to it")
                     ffn, why, stats = extract_shared(ffn, shared * (f // granularity), shared_match)
                     lossy += [w for w in why if w not in lossy]
                     measured.append({"index": layer.index, **stats})

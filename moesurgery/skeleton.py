@@ -30,10 +30,12 @@ def _placeholder(shape, dtype) -> Lazy:
     return Lazy(shape, dtype, no_data)
 
 
-def attention_shapes(arch: Arch, index: int) -> dict[str, tuple]:
+def attention_shapes(arch: Arch, index: int, linear_form: str | None = None) -> dict[str, tuple]:
     """Attention tensors (relative to the layer) and their shapes; "linear" ones are weights quantized formats hold."""
     H = arch.hidden_size
     out = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+    if arch.attention == "hybrid":
+        return {**out, **hybrid_shapes(arch, index, linear_form)}
     if arch.attention == "mla":
         m, h = arch.mla, arch.num_heads
         qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
@@ -67,6 +69,23 @@ def attention_shapes(arch: Arch, index: int) -> dict[str, tuple]:
     return out
 
 
+def hybrid_shapes(arch: Arch, index: int, linear_form: str | None) -> dict[str, tuple]:
+    """Qwen3-Next / 3.5: a Gated DeltaNet layer (grouped or flat projections) or a gated attention layer."""
+    H, d, h, kv = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads
+    if arch.layer_types[index] == "full_attention":
+        return {"self_attn.q_proj.weight": (2 * h * d, H), "self_attn.k_proj.weight": (kv * d, H), "self_attn.v_proj.weight": (kv * d, H),
+                "self_attn.o_proj.weight": (H, h * d), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    la = arch.linear_attn
+    nk, nv, dk, dv = la["nk"], la["nv"], la["dk"], la["dv"]
+    conv = 2 * nk * dk + nv * dv
+    if linear_form == "flat":
+        proj = {"in_proj_qkv.weight": (conv, H), "in_proj_z.weight": (nv * dv, H), "in_proj_b.weight": (nv, H), "in_proj_a.weight": (nv, H)}
+    else:
+        proj = {"in_proj_qkvz.weight": (conv + nv * dv, H), "in_proj_ba.weight": (2 * nv, H)}
+    return {**{"linear_attn." + k: s for k, s in proj.items()}, "linear_attn.conv1d.weight": (conv, 1, la["kernel"]),
+            "linear_attn.dt_bias": (nv,), "linear_attn.A_log": (nv,), "linear_attn.norm.weight": (dv,), "linear_attn.out_proj.weight": (H, nv * dv)}
+
+
 def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
     """The weightless canonical model of `config` (a wrapper config reads its text_config)."""
     text = nesting.unwrap_config(config)[0] if nesting.text_config_of(config) else config
@@ -97,7 +116,7 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
     spec = layout.read_moe_spec(text) if layout.moe else None
     layers = []
     for i in range(arch.num_layers):
-        attn = {k: (w(*s) if len(s) == 2 else t(*s)) for k, s in attention_shapes(arch, i).items()}
+        attn = {k: (w(*s) if len(s) == 2 else t(*s)) for k, s in attention_shapes(arch, i, layout.linear_attn_form).items()}
         if spec is not None and layout.is_moe_layer(text, i):
             r = spec.router
             router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H), "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias else None})
@@ -108,7 +127,8 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
             ffn = swiglu(int(text["intermediate_size"]))
         layers.append(Layer(i, attn, ffn))
     lm_head = None if arch.tie_word_embeddings else t(arch.vocab_size, H)
-    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), quantization=quant)
+    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), quantization=quant,
+                 experts_stored=layout.hub_experts)
 
 
 def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

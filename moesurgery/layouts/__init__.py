@@ -24,7 +24,10 @@ from . import (
     qwen2,
     qwen2_moe,
     qwen3,
+    qwen3_5,
+    qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
     solar_open,
 )
 from .base import Layout
@@ -35,16 +38,17 @@ LAYOUTS: dict[str, Layout] = {
         llama, mistral, ministral3, qwen2, qwen3,  # dense
         mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2, deepseek_v3, glm4_moe,  # 2024-25 MoE
         kimi_k2, deepseek_v32, glm_moe_dsa, mistral4, minimax_m2, dots1, hy_v3, solar_open, ernie4_5_moe,  # the 2025-26 lineage
+        qwen3_5, qwen3_next, qwen3_5_moe,  # hybrid linear attention
     )
 }
 ALIASES = {alias: layout for layout in LAYOUTS.values() for alias in layout.aliases}
 
 
 def get_layout(name: str) -> Layout:
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise BadInputError(f"unsupported layout '{name}' (supported: {', '.join(LAYOUTS)})") from None
+    layout = LAYOUTS.get(name) or ALIASES.get(name)
+    if layout is None:
+        raise BadInputError(f"unsupported layout '{name}' (supported: {', '.join(LAYOUTS)})")
+    return layout
 
 
 def layout_for_config(cfg: dict) -> Layout:

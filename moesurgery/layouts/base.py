@@ -166,7 +166,9 @@ class Layout:
     expert_proj: dict = {"gate": "gate", "up": "up", "down": "down"}
     fused_keys: tuple = ("experts.gate_up_proj", "experts.down_proj")  # 3-D expert tensors, where stored fused
     fused_transposed: bool = False  # [E, H, 2I] + [E, I, H] (Llama 4, gpt-oss) instead of [E, 2I, H] + [E, H, I]
-    experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused (read: either)
+    linear_attn_form: str | None = None  # hybrid layouts: Gated DeltaNet projections "grouped" (Qwen3-Next) or "flat" (Qwen3.5)
+    hub_experts: str = "per_expert"  # how the family's Hub releases store experts (skeletons mimic it)
+    experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused | as_read (the source's form; read: either)
     shared_key: str | None = None  # "shared_expert" | "shared_experts" | "shared_mlp"
     shared_gate_key: str | None = None
     schedule: str = "all"  # which config fields say which layers are MoE (see moe_schedule)
@@ -293,7 +295,8 @@ class Layout:
                     raise BadInputError(f"unexpected tensor {prefix + r} for a {self.name} {'MoE' if isinstance(ffn, MoE) else 'dense'} layer")
             layers.append(Layer(index, attn, ffn))
         extras = {k: reader.lazy(k) for k in reader.keys() if k not in claimed and not k.endswith(IGNORED_SUFFIXES)}
-        model = Model(self.name, arch, embed, norm, lm_head, layers, dict(cfg), extras)
+        fused = any(key.endswith(self.fused_keys[0]) for key in claimed)
+        model = Model(self.name, arch, embed, norm, lm_head, layers, dict(cfg), extras, experts_stored="fused" if fused else "per_expert")
         self.validate(model, spec)
         return model
 
@@ -395,8 +398,12 @@ class Layout:
                 check(moe.shared_gate, (1, H), "shared_expert_gate.weight")
 
     # ---------------------------------------------------------------- canonical -> checkpoint
+    def writes_fused(self, model: Model) -> bool:
+        return self.experts_on_disk == "fused" or (self.experts_on_disk == "as_read" and model.experts_stored == "fused")
+
     def tensors(self, model: Model) -> list[PlannedTensor]:
         out = [PlannedTensor("model.embed_tokens.weight", model.embed)]
+        fused = self.writes_fused(model)
         for layer in model.layers:
             prefix = f"model.layers.{layer.index}."
             out += [PlannedTensor(prefix + k, v) for k, v in layer.attn.items()]
@@ -404,7 +411,7 @@ class Layout:
             if isinstance(layer.ffn, SwiGLU):
                 out += self.swiglu_tensors(ffn_prefix, layer.ffn)
             else:
-                out += self.moe_tensors(ffn_prefix, layer.ffn)
+                out += self.moe_tensors(ffn_prefix, layer.ffn, fused)
         out.append(PlannedTensor("model.norm.weight", model.norm))
         if model.lm_head is not None:
             out.append(PlannedTensor("lm_head.weight", model.lm_head))
@@ -416,12 +423,12 @@ class Layout:
     def swiglu_tensors(self, prefix: str, ffn: SwiGLU) -> list[PlannedTensor]:
         return [PlannedTensor(f"{prefix}{p}_proj.weight", getattr(ffn, p)) for p in PROJ]
 
-    def moe_tensors(self, prefix: str, moe: MoE) -> list[PlannedTensor]:
+    def moe_tensors(self, prefix: str, moe: MoE, fused: bool = False) -> list[PlannedTensor]:
         out = [PlannedTensor(prefix + self.router_key, moe.router.weight)]
         if self.bias_key:
             bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), torch.float32)
             out.append(PlannedTensor(prefix + self.bias_key, bias.reshape(1, bias.numel) if self.bias_row else bias))
-        if self.experts_on_disk == "fused":  # streamed one expert at a time (lazy.stack parts)
+        if fused:  # streamed one expert at a time (lazy.stack parts)
             if self.fused_transposed:
                 gate_up = stack([cat([e.gate, e.up]).t() for e in moe.experts])  # [E, H, 2I]
                 down = stack([e.down.t() for e in moe.experts])  # [E, I, H]

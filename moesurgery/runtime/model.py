@@ -103,7 +103,7 @@ class Runtime:
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # [B, T, H] -> [B, T, V] fp32
         """Final norm and lm_head (tied: the embeddings); `weight`: the lm_head already read."""
-        x = rms_norm(x, _load(self.model.norm, self.device, self.dtype), self.arch.rms_norm_eps)
+        x = self.norm(x, _load(self.model.norm, self.device, self.dtype))
         if weight is not None:
             weight = weight.to(self.device, self.dtype)
         elif self.model.lm_head is None:
@@ -130,11 +130,26 @@ class Runtime:
         cos, sin = self._rope
         return cos[past:end], sin[past:end]
 
+    def norm(self, x, weight):
+        """The model's RMSNorm: w * x_hat, or (1 + w) * x_hat (zero-centred, Qwen3-Next / 3.5)."""
+        if self.arch.norm_offset:
+            from .gdn import rms_norm_offset
+
+            return rms_norm_offset(x, weight, self.arch.rms_norm_eps)
+        return rms_norm(x, weight, self.arch.rms_norm_eps)
+
     def attention(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         """Pre-norm attention with residual: x -> x + attn(norm(x)). `state` carries what one layer hands
         the next within a forward pass (the sparse-attention choice of GLM-5's shared layers)."""
-        h = rms_norm(x, layer.attn["input_layernorm.weight"], self.arch.rms_norm_eps)
-        if self.arch.attention == "mla":
+        h = self.norm(x, layer.attn["input_layernorm.weight"])
+        if self.arch.attention == "hybrid":
+            from .gdn import gated_attention, gated_deltanet
+
+            if self.arch.layer_types[layer.index] == "linear_attention":
+                out, cache = gated_deltanet(h, layer.attn, self.arch, cache)
+            else:
+                out, cache = gated_attention(h, layer.attn, self.arch, *rope, positions, cache)
+        elif self.arch.attention == "mla":
             from .mla import mla_attention
 
             out, cache = mla_attention(h, layer.attn, self.arch, positions, cache, state=state)
@@ -143,7 +158,7 @@ class Runtime:
         return x + out, cache
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
-        return rms_norm(x, layer.attn["post_attention_layernorm.weight"], self.arch.rms_norm_eps)
+        return self.norm(x, layer.attn["post_attention_layernorm.weight"])
 
     def decoder_layer(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         x, cache = self.attention(x, layer, positions, rope, cache, state)
@@ -154,7 +169,7 @@ class Runtime:
     def forward(self, input_ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] fp32. `caches` (a list, one entry per layer) is
         extended in place for incremental decoding."""
-        past = 0 if not caches or caches[0] is None else caches[0][0].shape[2]
+        past = 0 if not caches or caches[0] is None else (caches[0]["len"] if isinstance(caches[0], dict) else caches[0][0].shape[2])
         T = input_ids.shape[1]
         positions = torch.arange(past, past + T, device=self.device)
         rope = self.rope(past, T)

@@ -143,6 +143,9 @@ def extract_shared(moe: MoE, width: int, match: float = 1.0) -> tuple[MoE, list[
         weight_sum = 1.0
     if weight_sum != 1.0:
         mean[:, 2 * mean.shape[1] // 3 :] *= weight_sum
+    if moe.shared_gate is not None:  # Qwen's only slot: the gated shared expert, widened
+        lossy.append("the new shared neurons widen the gated shared expert: they take its sigmoid gate (between 0 and 1 per token), "
+                     "where as routed neurons they had weight 1")
     if not identical:
         lossy.append("shared neurons are the mean of neuron positions that differ across experts (similarity in `measured`)")
     H = moe.experts[0].gate.shape[1]
