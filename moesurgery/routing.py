@@ -5,6 +5,7 @@ Per MoE layer and expert, on the source model's own hidden states:
     counts[e]  tokens routed to e (among each token's top-k)
     mass[e]    sum of e's routing weights
     reap[e]    mean over e's tokens of weight * ||e(x)||   (REAP's router-weighted activation, arXiv 2510.13999)
+    output[e]  the same summed over e's tokens: the routed output e contributes (what pruning it removes)
 per layer: load imbalance (max / mean count, coefficient of variation, normalised entropy of the
 counts), dead experts (never routed to), and the most co-activated expert pairs (both in one token's
 top-k).
@@ -43,7 +44,7 @@ def expert_stats(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> dict[str, to
     one_hot = torch.zeros(T, E, dtype=torch.float32).scatter_(1, idx, 1.0)  # [T, E]
     co = (one_hot.T @ one_hot).double()  # [E, E]: tokens that chose both
     co.fill_diagonal_(0)
-    return {"counts": counts, "mass": mass, "reap": reap, "coactivation": co}
+    return {"counts": counts, "mass": mass, "reap": reap, "output": reap_sum, "coactivation": co}
 
 
 def layer_summary(stats: dict[str, torch.Tensor], top_k: int) -> dict:
@@ -65,6 +66,7 @@ def layer_summary(stats: dict[str, torch.Tensor], top_k: int) -> dict:
         "counts": [int(c) for c in counts.tolist()],
         "mass": [round(float(m), 6) for m in stats["mass"].tolist()],
         "reap": [round(float(r), 6) for r in stats["reap"].tolist()],
+        "output": [round(float(r), 6) for r in stats["output"].tolist()],
         "max_over_mean": float(counts.max()) / mean if mean else 0.0,
         "cv": float(counts.std(unbiased=False)) / mean if mean else 0.0,
         "entropy": entropy,  # of the count distribution, 1 = perfectly balanced

@@ -123,3 +123,41 @@ def test_merge_dry_run_and_aligned(checkpoint, tmp_path):
     assert report["dry_run"] and report["experts"] == 2 and not (tmp_path / "o").exists()
     report = merge_experts(checkpoint("mixtral"), tmp_path / "a", into=2, method="aligned", calibration_tokens=256)
     assert 0 <= report["aligned_fit_rel_err"] < 1
+
+
+def test_select_merge_of_identical_experts_keeps_each_neuron_once():
+    """Two copies of one expert merged by neuron selection: every neuron kept once, the refit down_proj counts it for
+    both, so the merged expert computes the copies' common output."""
+    from moesurgery.canonical import MoE, Router, SwiGLU
+    from moesurgery.lazy import Lazy
+    from moesurgery.surgery.prune import select_neurons
+
+    g = torch.Generator().manual_seed(0)
+    H, I = 16, 8
+    e = SwiGLU(*(Lazy.of(torch.randn(*s, generator=g, dtype=torch.float64)) for s in ((I, H), (I, H), (H, I))))
+    moe = MoE(Router(Lazy.of(torch.randn(2, H, generator=g, dtype=torch.float64)), 1), [e, e])
+    X = torch.randn(256, H, generator=g, dtype=torch.float64)
+    merged, err = select_neurons(moe, [0, 1], X, X @ moe.router.weight.load().T, ridge=1e-9)
+    assert err < 1e-6
+    torch.testing.assert_close(merged.gate.load(), e.gate.load())
+
+
+def test_select_merge_of_disjoint_halves_beats_averaging(checkpoint):
+    """Experts that are disjoint neuron sets of one FFN (a split dense model): selecting the union's strongest neurons
+    and refitting down_proj reproduces the cluster's output better than averaging the weights."""
+    from moesurgery.canonical import MoE, Router, SwiGLU
+    from moesurgery.lazy import Lazy
+    from moesurgery.surgery.prune import expert_outputs, merge_moe
+
+    g = torch.Generator().manual_seed(1)
+    H, I = 16, 8
+    experts = [SwiGLU(*(Lazy.of(torch.randn(*s, generator=g)) for s in ((I, H), (I, H), (H, I)))) for _ in range(2)]
+    moe = MoE(Router(Lazy.of(torch.zeros(2, H)), 2), experts)
+    X = torch.randn(512, H, generator=g)
+    want = expert_outputs(X, moe).sum(0) / 2  # uniform routing: the cluster's output is the members' mean
+    errs = {}
+    for method in ("select", "frequency"):
+        merged, _ = merge_moe(moe, [[0, 1]], torch.ones(2), X, method)
+        got = expert_outputs(X, MoE(moe.router, merged.experts))[0]
+        errs[method] = float((got - want).norm() / want.norm())
+    assert errs["select"] < 0.8 * errs["frequency"], errs

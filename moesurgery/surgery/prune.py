@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from ..canonical import MoE, SwiGLU
-from ..lazy import Lazy
+from ..lazy import Lazy, cat
 
-METHODS = ("reap", "frequency", "mass", "random")
-MERGE_METHODS = ("frequency", "aligned")
+METHODS = ("reap", "output", "frequency", "mass", "random")
+MERGE_METHODS = ("select", "frequency", "aligned")
 
 
 def saliency(stats: dict, method: str, experts: int, seed: int = 0) -> torch.Tensor:
     """[E] higher = keep first."""
     if method == "random":
         return torch.rand(experts, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    key = {"reap": "reap", "frequency": "counts", "mass": "mass"}[method]
+    key = {"reap": "reap", "frequency": "counts", "mass": "mass", "output": "output"}[method]
     return torch.as_tensor(stats[key], dtype=torch.float64)
 
 
@@ -110,6 +110,63 @@ def _weighted(parts: list[Lazy], weights: list[float]) -> Lazy:
     return Lazy(parts[0].shape, parts[0].dtype, load)
 
 
+def distinct_top(importance: torch.Tensor, rows: torch.Tensor, n: int, same: float = 0.999) -> torch.Tensor:
+    """The n most important neurons, skipping copies of one already kept (gate|up rows [N, 2H] at cosine >= `same`:
+    merging identical experts keeps each neuron once and the refit down_proj counts it for both); sorted."""
+    unit = F.normalize(rows.double(), dim=-1)
+    order = importance.argsort(descending=True).tolist()
+    kept, blocked = [], torch.zeros(len(order), dtype=torch.bool)
+    for j in order:
+        if not blocked[j]:
+            kept.append(j)
+            if len(kept) == n:
+                break
+            blocked |= (unit @ unit[j]) >= same
+    rest = [j for j in order if j not in set(kept)]
+    return torch.tensor(sorted(kept + rest[: n - len(kept)]))
+
+
+def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, logits: torch.Tensor, ridge: float) -> tuple[SwiGLU, float]:
+    """One expert of the members' width from their neurons: the union holds every member's neurons; the ones that
+    carry most of the cluster's routed output on X [T, H] are kept, and down_proj is refitted (weighted least
+    squares) to the members' output mixed by their routing probabilities, token by token. Works whether or not
+    the members' neurons correspond (experts split from one dense FFN share none)."""
+    probs = logits.softmax(-1) if moe.router.scoring == "softmax" else logits.sigmoid()  # [T, E]
+    q = probs[:, members]  # [T, m]
+    s = q.sum(-1).clamp(min=1e-12)  # [T] the cluster's routing mass per token
+    acts, downs, owner = [], [], []
+    want = torch.zeros(X.shape[0], X.shape[1], dtype=torch.float64)
+    for i, e in enumerate(members):
+        g, u, d = (t.load().double() for t in (moe.experts[e].gate, moe.experts[e].up, moe.experts[e].down))
+        a = F.silu(X @ g.T) * (X @ u.T)  # [T, I]
+        want += (q[:, i] / s)[:, None] * (a @ d.T)
+        acts.append(a)
+        downs.append(d)
+        owner.append(torch.full((a.shape[1],), i))
+    A, D, owner = torch.cat(acts, 1), torch.cat(downs, 1), torch.cat(owner)  # [T, mI], [H, mI], [mI]
+    share = (q / s[:, None])[:, owner]  # [T, mI] each neuron's weight in the mixture
+    importance = ((A * share).pow(2) * s[:, None]).sum(0).sqrt() * D.norm(dim=0)  # [mI]
+    I = moe.expert_width
+    keep = distinct_top(importance, torch.cat([torch.cat([moe.experts[e].gate.load(), moe.experts[e].up.load()], 1) for e in members]), I)
+    Ak = A[:, keep] * s.sqrt()[:, None]  # weighted rows
+    B = Ak.T @ Ak
+    B += ridge * B.diagonal().mean() * torch.eye(I, dtype=torch.float64)  # ridge relative to the activations' scale
+    d_new = torch.linalg.solve(B, Ak.T @ (want * s.sqrt()[:, None])).T  # [H, I]
+    err = float(((A[:, keep] @ d_new.T - want) * s.sqrt()[:, None]).norm() / (want * s.sqrt()[:, None]).norm().clamp(min=1e-30))
+    offsets = [0]
+    for e in members:
+        offsets.append(offsets[-1] + moe.experts[e].width)
+    gates, ups = [], []
+    for i, e in enumerate(members):  # the kept neurons of each member, as one row selection of its gate / up
+        mine = keep[(keep >= offsets[i]) & (keep < offsets[i + 1])]
+        if mine.numel():
+            gates.append(moe.experts[e].gate.index_select(0, mine - offsets[i]))
+            ups.append(moe.experts[e].up.index_select(0, mine - offsets[i]))
+  # keep is sorted, so the members' neurons come in the order d_new's columns hold them
+    dtype = moe.experts[members[0]].down.dtype
+    return SwiGLU(cat(gates), cat(ups), Lazy.of(d_new.to(dtype).contiguous())), err
+
+
 def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.Tensor, method: str = "frequency",
               ridge: float = 1e-3) -> tuple[MoE, dict]:
     """One expert per cluster: the frequency-weighted average of its members' weights ("aligned": down_proj then
@@ -137,6 +194,12 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
             s = torch.sigmoid(logits[:, members]).sum(-1).clamp(1e-6, 1 - 1e-6)
             target = torch.log(s / (1 - s))
         rows.append(torch.linalg.solve(A, X.T @ target))
+        if method == "select":
+            expert, err = select_neurons(moe, members, X, logits, ridge)
+            experts.append(expert)
+            errors.append(err)
+            biases.append(members)
+            continue
         gate = _weighted([moe.experts[e].gate for e in members], p.tolist())
         up = _weighted([moe.experts[e].up for e in members], p.tolist())
         down = _weighted([moe.experts[e].down for e in members], p.tolist())
