@@ -13,6 +13,8 @@ from the calibration text, 8 x 256 tokens) against the unreduced MoE.
     python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096]
 
 Targets (issue #13): REAP beats frequency and random at both fractions; merging beats pruning at 50%.
+Rows: prune by reap (REAP's mean), output (REAP summed over tokens), frequency, random; merge (the default:
+select / dominant) and merge-hcsmoe (frequency-weighted average / hierarchical clusters, HC-SMoE's).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from moesurgery.operations import merge_experts, prune_experts, split_experts  #
 from moesurgery.texts import calibration_text, heldout_text  # noqa: E402
 from moesurgery.verify import verify  # noqa: E402
 
-METHODS = ("reap", "frequency", "mass", "random")
+METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
+MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default
+          "merge-hcsmoe": dict(method="frequency", grouping="hierarchical")}  # HC-SMoE: average-linkage, frequency-weighted mean
 
 
 def held_out_ppl(src: Path, out: Path) -> float:
@@ -64,11 +68,11 @@ def main() -> None:
         for name, path, E, k in (("coarse", coarse, 14, 6), ("fine", fine, 56, 24)):
             for share in (0.25, 0.5):
                 keep = max(k, E - round(share * E))
-                for method in (*METHODS, "merge"):
+                for method in (*METHODS, *MERGES):
                     out = tmp / f"{name}-{share}-{method}"
                     t = time.time()
-                    if method == "merge":
-                        merge_experts(path, out, into=keep, calibration_text=cal, calibration_tokens=args.calibration_tokens)
+                    if method in MERGES:
+                        merge_experts(path, out, into=keep, calibration_text=cal, calibration_tokens=args.calibration_tokens, **MERGES[method])
                     else:
                         prune_experts(path, out, keep=keep, method=method, calibration_text=cal, calibration_tokens=args.calibration_tokens)
                     ppl = held_out_ppl(path, out)

@@ -16,11 +16,19 @@ from .lazy import Lazy
 
 @dataclass(slots=True)
 class SwiGLU:
-    """down(silu(gate x) * up x): a dense FFN, one expert, or the (concatenated) shared experts."""
+    """down(silu(gate x) * up x): a dense FFN, one expert, or the (concatenated) shared experts.
+    gpt-oss experts carry biases on every projection (and their MoE's Activation says how gate and up combine)."""
 
     gate: Lazy  # [I, H]
     up: Lazy  # [I, H]
     down: Lazy  # [H, I]
+    gate_bias: Lazy | None = None  # [I]
+    up_bias: Lazy | None = None  # [I]
+    down_bias: Lazy | None = None  # [H]
+
+    @property
+    def biased(self) -> bool:
+        return self.gate_bias is not None or self.up_bias is not None or self.down_bias is not None
 
     @property
     def width(self) -> int:
@@ -31,11 +39,24 @@ class SwiGLU:
         return self.gate.numel + self.up.numel + self.down.numel
 
 
+@dataclass(frozen=True)
+class Activation:
+    """How an expert combines gate and up: silu(gate) * up, or gpt-oss's clamped form
+    (up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g) with g = gate.clamp(max=limit)."""
+
+    kind: Literal["silu", "gpt_oss"] = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+SILU = Activation()
+
+
 @dataclass
 class Router:
     """Which experts a token goes to and with what weight.
 
-    logits = x @ weight.T                                  # [T, E]
+    logits = x @ weight.T (+ logit_bias)                   # [T, E]
     s = softmax(logits) | sigmoid(logits)                  # fp32 unless softmax_in_model_dtype
     chosen = top_k(s + bias), restricted to the best `topk_group` of `n_group` groups
     w = s[chosen] (/ sum if renormalize) * scaling
@@ -52,6 +73,7 @@ class Router:
     bias: Lazy | None = None  # e_score_correction_bias [E]: selection only, fp32
     softmax_in_model_dtype: bool = False  # deepseek v1, mistral4: logits and softmax in the model dtype
     logits_in_model_dtype: bool = False  # minimax_m2: sigmoid router logits in the model dtype (sigmoid in fp32)
+    logit_bias: Lazy | None = None  # [E] added to the logits (gpt-oss's router is a biased linear): selection and weights
 
     @property
     def num_experts(self) -> int:
@@ -68,6 +90,7 @@ class MoE:
     experts: list[SwiGLU]
     shared: SwiGLU | None = None  # always-on experts, concatenated along the width
     shared_gate: Lazy | None = None  # [1, H]: output += sigmoid(x @ gate.T) * shared(x)
+    act: Activation = SILU  # the routed experts' activation (shared experts are plain SwiGLU)
 
     @property
     def expert_width(self) -> int:
@@ -105,9 +128,10 @@ class Arch:
     mla: dict = field(default_factory=dict)  # q_lora_rank, kv_lora_rank, qk_*_head_dim, v_head_dim... (+ "variant")
     rope_interleave: bool = False  # GQA rotating (x0, x1), (x2, x3)... pairs (ERNIE-4.5), not rotate_half
     indexer: dict | None = None  # DSA lightning indexer: {topk, heads, head_dim, interleave, types: ["full"|"shared"] per layer}
-    layer_types: list | None = None  # hybrid: "linear_attention" / "full_attention" per layer
+    layer_types: list | None = None  # per layer: "linear_attention" / "full_attention" (hybrid), "sliding_attention" / "full_attention" (gpt-oss)
     linear_attn: dict = field(default_factory=dict)  # hybrid: Gated DeltaNet dims {nk, nv, dk, dv, kernel}
     norm_offset: bool = False  # RMSNorms apply (1 + w), zero-centred (Qwen3-Next / 3.5)
+    sinks: bool = False  # gpt-oss: a learned sink logit per head (self_attn.sinks [h]) in every softmax's denominator
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config
 

@@ -316,7 +316,10 @@ def express(model: Model, layout: Layout) -> Expressed:
             if isinstance(layer.ffn, MoE):
                 router, experts = express_router(layer.ffn.router, layout, out, layer.ffn.experts)
                 shared, gate = express_shared(layer.ffn, layout, out, layer.attn.get("post_attention_layernorm.weight"))
-                layer = replace(layer, ffn=MoE(router, experts, shared, gate))
+                if (layer.ffn.act.kind != "silu" or layer.ffn.experts[0].biased) != (layout.expert_kind == "gpt_oss"):
+                    have = "gpt-oss experts (clamped SwiGLU, biases)" if layout.expert_kind != "gpt_oss" else "SwiGLU experts"
+                    raise BadInputError(f"{model.family} has {have}; {name} experts compute another function: experts cannot be converted")
+                layer = replace(layer, ffn=replace(layer.ffn, router=router, experts=experts, shared=shared, shared_gate=gate))
             new_layers.append(layer)
         layers = new_layers
         extras = {}

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fp8, int4, nesting
+from . import fp8, int4, mxfp4, nesting
 from .canonical import Model
 from .errors import BadInputError
 from .layouts import Layout, layout_for_config
@@ -60,13 +60,14 @@ def open_model(spec: str | Path) -> Opened:
         cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
         notes.append("config.json carries a quantization_config of kind gguf, left by dequantizing a GGUF: "
                      "the weights are plain floats and are read as the unquantized model (the output config drops it)")
-    group = int4.group_size(cfg)
-    block = fp8.block_size(cfg) if group is None else None
+    mx = mxfp4.is_mxfp4(cfg)
+    group = int4.group_size(cfg) if not mx else None
+    block = fp8.block_size(cfg) if group is None and not mx else None
     quantization = cfg.get("quantization_config")
-    if block is not None or group is not None:  # FP8 / INT4: read dequantized, as the bf16 model it encodes
+    if block is not None or group is not None or mx:  # FP8 / INT4 / MXFP4: read dequantized, as the bf16 model it encodes
         cfg = fp8.unquantized_config(cfg)
     layout = layout_for_config(cfg)
-    reader = CheckpointReader(source.path, fp8_block=block, int4_group=group)
+    reader = CheckpointReader(source.path, fp8_block=block, int4_group=group, mxfp4_on=mx)
     stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
     if stray is not None:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
@@ -78,7 +79,7 @@ def open_model(spec: str | Path) -> Opened:
         view, wrapper = prefixed
     try:
         model = layout.read(cfg, view)
-        if block is not None or group is not None:
+        if block is not None or group is not None or mx:
             model = replace(model, quantization=quantization)
         if wrapper is not None:
             model = replace(model, wrapper=wrapper)
@@ -101,7 +102,7 @@ def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]
         tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors]
     quantized = False
     if model.quantization:
-        kind = "INT4 (compressed-tensors pack-quantized)" if model.quantization.get("quant_method") == "compressed-tensors" else "block-scaled FP8"
+        kind = {"compressed-tensors": "INT4 (compressed-tensors pack-quantized)", "mxfp4": "MXFP4"}.get(model.quantization.get("quant_method"), "block-scaled FP8")
         kept, why = fp8.requantized(tensors, model.quantization)
         if kept is None:
             notes.append(f"written in bf16 (the {kind} source is dequantized): {why}")

@@ -148,7 +148,9 @@ def _finish(
         """The quick check on the complete output before it is renamed into place (if it fails, nothing is left);
         then the model card, which reports it."""
         report["check"] = quick_check(opened.model, open_model(tmp).model, inputs=check_inputs)
-        report["verdict"] = report["check"]["verdict"]
+        # measured exact on a sample is not proven exact: a plan with reasons to differ stays lossy (its error
+        # below the tolerance there); without any (donors all equal to the base) the measurement decides
+        report["verdict"] = "lossy" if report.get("lossy_reasons") else report["check"]["verdict"]
         return {"README.md": model_card(report, source_name=opened.source.name, source_dir=opened.source.path,
                                         repo_id=opened.source.repo_id, config=config)}
 
@@ -330,6 +332,9 @@ def upcycle(
     opened, target = _prepare(source, output, to, dry_run, overwrite, opened, recipe_model)
     model = opened.model
     layers, lossy, measured = [], [], []
+    if shared and target.shared is None:  # refused before any work, naming layouts that hold them
+        raise BadInputError(f"{target.name} has no shared experts: the result's shared experts have no place in it "
+                            "(choose a --to layout that holds them, e.g. glm4_moe, deepseek_v3, qwen2_moe)")
     if model.moe_layers():
         if experts is not None or top_k is not None:
             raise UsageError("an MoE source is upcycled with --granularity M [--shared S]; experts and top-k follow from them")
@@ -347,7 +352,10 @@ def upcycle(
                 if f % granularity:
                     raise UsageError(f"--granularity {granularity} does not divide the expert width {f}")
                 if shared:
-                    ffn, why, stats = extract_shared(ffn, shared * (f // granularity), shared_match)
+                    try:
+                        ffn, why, stats = extract_shared(ffn, shared * (f // granularity), shared_match)
+                    except ValueError as e:
+                        raise BadInputError(f"layer {layer.index}: {e}") from None
                     lossy += [w for w in why if w not in lossy]
                     measured.append({"index": layer.index, **stats})
                 ffn, why = finer_experts(ffn, granularity - shared)
@@ -494,51 +502,68 @@ def _removed_share(stats: dict, kept: dict, key: str) -> float:
 
 
 def merge_experts(
-    source, output, *, into: int, method: str = "frequency", calibration_text: str | None = None, calibration_name: str | None = None,
+    source, output, *, into: int, method: str = "select", grouping: str = "dominant", calibration_text: str | None = None, calibration_name: str | None = None,
     calibration_tokens: int = 4096, eval_text: str | None = None, to: str | None = None, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1,
 ) -> dict:
     """Cluster each MoE layer's experts by their outputs on calibration hidden states (HC-SMoE), merge each cluster
-    into one expert (frequency-weighted average; `aligned`: down_proj refitted to the members' weighted output) and
-    fit its router row to the cluster's routing mass. Lossy; measured."""
-    from .surgery.prune import MERGE_METHODS, cluster_experts, expert_outputs, merge_moe
+    into one expert (`select`: the union's strongest neurons with down_proj refitted; `frequency`: frequency-weighted
+    average; `aligned`: that average with down_proj refitted) and fit its router row to the cluster's routing mass,
+    layer after layer in one streamed pass. Lossy; measured."""
+    from .surgery.prune import GROUPINGS, MERGE_METHODS, MERGE_WHAT, expert_outputs, group_experts, merge_moe
 
     if method not in MERGE_METHODS:
         raise UsageError(f"--method must be one of {', '.join(MERGE_METHODS)}, not {method!r}")
+    if grouping not in GROUPINGS:
+        raise UsageError(f"--grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}")
     opened = open_model(source)
     model = opened.model
     E, _ = _reduce_checks(model, "merge-experts", into)
     to = to or opened.layout.name
     opened, target = _prepare(source, output, to, dry_run, overwrite, opened)
-    layers, calibration, clusters_of, fit_errors = [], None, {}, []
+    layers, calibration, clusters_of, fit_errors, samples = [], None, {}, [], {}
     if dry_run:
         from .surgery.prune import prune_moe
 
         layers = [replace(l, ffn=prune_moe(l.ffn, list(range(into)))) if isinstance(l.ffn, MoE) else l for l in model.layers]
-        stats = {}
     else:
         if calibration_text is None:
             from .texts import calibration_text as builtin
 
             calibration_text, calibration_name = builtin(), "pydoc (built-in Python documentation, the default)"
-        stats, calibration = _moe_stats(model, calibration_text, opened.source.path, calibration_tokens)
-        calibration["name"] = calibration_name or "given text"
-        for layer in model.layers:
-            if isinstance(layer.ffn, MoE):
-                s, h = stats[layer.index]
-                feats = expert_outputs(h[:128], layer.ffn)  # [E, T, H]
-                clusters = cluster_experts(feats, into)
-                ffn, info = merge_moe(layer.ffn, clusters, s["counts"], h, method)
-                clusters_of[layer.index] = clusters
+        from .calibration import chunk, ffn_inputs, tokenize
+        from .routing import expert_stats
+
+        # one streamed pass, merging as it goes: each layer is merged on all its calibration inputs (given by the
+        # already merged layers before it), then the stream continues through the merged block
+        ids = chunk(tokenize(opened.source.path, calibration_text, model.arch.vocab_size), 256, calibration_tokens)
+        calibration = {"tokens": int(ids.numel()), "name": calibration_name or "given text"}
+        merged, samples = {}, {}
+        stream = ffn_inputs(model, ids)
+        step = next(stream, None)
+        while step is not None:
+            i, h = step
+            ffn = model.layers[i].ffn
+            replacement = None
+            if isinstance(ffn, MoE):
+                counts = expert_stats(h, ffn)["counts"]
+                feats = expert_outputs(h[:: max(1, len(h) // 128)][:128], ffn)  # [E, 128, H]
+                clusters = group_experts(feats, into, counts, grouping)
+                replacement, info = merge_moe(ffn, clusters, counts, h, method, router="centre" if grouping == "dominant" else "fit")
+                merged[i], clusters_of[i] = replacement, clusters
                 fit_errors += info["aligned_rel_err"]
-                layer = replace(layer, ffn=ffn)
-            layers.append(layer)
-    check_inputs = {i: s[1][:64] for i, s in stats.items() if i in pick_layers_of(model)} or None
+                samples[i] = h[:: max(1, len(h) // 64)][:64].clone()
+            try:
+                step = stream.send(replacement)
+            except StopIteration:
+                step = None
+        layers = [replace(l, ffn=merged[l.index]) if l.index in merged else l for l in model.layers]
+    check_inputs = {i: h for i, h in samples.items() if i in pick_layers_of(model)} or None
     report = _finish(opened, model.with_layers(layers), target, output, operation="merge-experts",
-                     surgery_lossy=[f"{E} experts merged into {into} per MoE layer ({method} average, router rows fitted)"], measured=[],
+                     surgery_lossy=[f"{E} experts merged into {into} per MoE layer ({MERGE_WHAT[method]}, router rows fitted)"], measured=[],
                      allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
                      expect_exact=False, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration)
-    report.update(method=method, clusters={str(i): c for i, c in clusters_of.items()})
+    report.update(method=method, grouping=grouping, clusters={str(i): c for i, c in clusters_of.items()})
     if fit_errors:
         report["aligned_fit_rel_err"] = sum(fit_errors) / len(fit_errors)
     if not dry_run:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import fp8, int4
+from . import fp8, int4, mxfp4
 from .errors import BadInputError
 from .lazy import Call, Fp8, Lazy
 
@@ -119,7 +119,7 @@ class CheckpointReader:
     int4_group: the group size of a compressed-tensors INT4 checkpoint (int4.group_size(config)): each
     X.weight_packed / weight_scale / weight_shape triple is then read as a bf16 X.weight."""
 
-    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None):
+    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None, mxfp4_on: bool = False):
         self.directory = Path(directory)
         self.files: list[Path] = []
         self.tensors: dict[str, TensorInfo] = {}
@@ -129,6 +129,8 @@ class CheckpointReader:
         self.fp8_data: dict[str, TensorInfo] = {}  # fp8 weight key -> the stored float8 tensor
         self.int4_group = int4_group
         self.int4: dict[str, tuple[TensorInfo, TensorInfo, TensorInfo]] = {}  # weight key -> (packed, scale, shape) as stored
+        self.mxfp4_on = mxfp4_on
+        self.mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # fused weight key -> (blocks, scales) as stored
         index_path = self.directory / INDEX_NAME
         single = self.directory / SINGLE_NAME
         if index_path.exists():
@@ -150,6 +152,7 @@ class CheckpointReader:
             self._scan(shards)
         self._pair_fp8()
         self._pair_int4()
+        self._pair_mxfp4()
 
     # ---- indexing ------------------------------------------------------------------------------
     def _load_index(self, index_path: Path) -> None:
@@ -247,6 +250,38 @@ class CheckpointReader:
             for info in parts:
                 del self.tensors[info.key]
 
+    def _pair_mxfp4(self) -> None:
+        """Present each MXFP4 pair X_blocks / X_scales as the bf16 X [E, in, out] it encodes."""
+        blocks = [k for k in self.tensors if k.endswith(mxfp4.BLOCKS)]
+        if not self.mxfp4_on:
+            if blocks and self.tensors[blocks[0]].dtype == torch.uint8:
+                raise BadInputError(f"tensor {blocks[0]} is MXFP4 but config.json has no mxfp4 quantization_config")
+            return
+        for key in blocks:
+            base = key[: -len(mxfp4.BLOCKS)]
+            b, s = self.tensors[key], self.tensors.get(base + mxfp4.SCALES)
+            where = f"{b.file.name}: tensor {key}"
+            if s is None:
+                raise BadInputError(f"{where} has no {base}{mxfp4.SCALES} beside it")
+            if b.dtype != torch.uint8 or s.dtype != torch.uint8 or len(b.shape) != 4 or b.shape[-1] != mxfp4.GROUP // 2 or tuple(s.shape) != b.shape[:3]:
+                raise BadInputError(f"{where}: shapes {list(b.shape)} / {list(s.shape)} are not MXFP4 blocks [E, out, in/32, 16] and scales [E, out, in/32]")
+            E, out, groups, _ = b.shape
+            shape = (E, groups * mxfp4.GROUP, out)  # transformers' in-memory [E, in, out]
+            self.mxfp4[base] = (b, s)
+            self.tensors[base] = TensorInfo(base, b.file, shape, mxfp4.DEQUANT_DTYPE, E * groups * mxfp4.GROUP * out * 2)
+            del self.tensors[key], self.tensors[s.key]
+
+    def _mxfp4_ranges(self, key: str, ranges) -> torch.Tensor:
+        """Experts e0:e1, inputs i0:i1, outputs o0:o1 of a fused MXFP4 weight, reading whole groups only."""
+        b, s = self.mxfp4[key]
+        E, cols, out = self.tensors[key].shape
+        (e0, e1), (i0, i1), (o0, o1) = (tuple(ranges) + ((0, E), (0, cols), (0, out)))[:3]
+        g0, g1 = i0 // mxfp4.GROUP, -(-i1 // mxfp4.GROUP)
+        codes = self._read(b.key, b.file, (slice(e0, e1), slice(o0, o1), slice(g0, g1)))
+        exps = self._read(s.key, s.file, (slice(e0, e1), slice(o0, o1), slice(g0, g1)))
+        w = mxfp4.dequantize(codes, exps)  # [e, o, (g1 - g0) * 32]
+        return w[..., i0 - g0 * mxfp4.GROUP : i1 - g0 * mxfp4.GROUP].transpose(1, 2).contiguous()
+
     @staticmethod
     def _entry(path: Path, key: str, entry, data_size: int) -> TensorInfo:
         """Validate one header entry against its dtype, shape and the file's size."""
@@ -303,6 +338,8 @@ class CheckpointReader:
             return fp8.dequantize(self._read(key, info.file), self._read_scale(key), self.fp8_block)
         if key in self.int4:
             return self.get_ranges(key, ((0, info.shape[0]),))
+        if key in self.mxfp4:
+            return self._mxfp4_ranges(key, ())
         return self._read(key, info.file)
 
     def get_ranges(self, key: str, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -316,6 +353,8 @@ class CheckpointReader:
             return fp8.dequantize(w8, self._read_scale(key), self.fp8_block, rows, cols)
         if key in self.int4:
             return self._int4_ranges(key, ranges)
+        if key in self.mxfp4:
+            return self._mxfp4_ranges(key, ranges)
         return self._read(key, info.file, sl)
 
     def _int4_ranges(self, key: str, ranges) -> torch.Tensor:
@@ -369,7 +408,8 @@ class CheckpointReader:
         """name -> TensorInfo of every tensor exactly as stored (made once)."""
         if getattr(self, "_stored_cache", None) is not None:
             return self._stored_cache
-        out = {k: v for k, v in self.tensors.items() if k not in self.int4}
+        out = {k: v for k, v in self.tensors.items() if k not in self.int4 and k not in self.mxfp4}
+        out.update({info.key: info for parts in self.mxfp4.values() for info in parts})
         out.update({info.key: info for info in self.scales.values()})
         out.update(self.fp8_data)
         out.update({info.key: info for parts in self.int4.values() for info in parts})
@@ -394,6 +434,9 @@ class CheckpointReader:
         for part in (int4.PACKED, int4.SCALE, int4.SHAPE):
             if key.endswith("." + part) and key[: -len(part)] + "weight" in self.int4:
                 return key[: -len(part)] + "weight"
+        for part in (mxfp4.BLOCKS, mxfp4.SCALES):
+            if key.endswith(part) and key[: -len(part)] in self.mxfp4:
+                return key[: -len(part)]
         return key
 
     @property

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .canonical import Model, MoE
 from .runtime.model import Runtime, ffn_forward, load_ffn
-from .runtime.moe import route
+from .runtime.moe import activate, route
 
 TOP_PAIRS = 16  # co-activated pairs reported per layer
 
@@ -29,7 +29,7 @@ TOP_PAIRS = 16  # co-activated pairs reported per layer
 def expert_stats(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """counts, mass, reap [E] and co-activation counts [E, E] of one MoE block on its inputs h [T, H]."""
     w = load_ffn(moe, "cpu", dtype)
-    idx, weight = route(h, w.router, w.router_weight, w.bias)  # [T, k]
+    idx, weight = route(h, w.router, w.router_weight, w.bias, w.logit_bias)  # [T, k]
     E, (T, k) = w.num_experts, idx.shape
     counts = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.flatten(), torch.ones(T * k, dtype=torch.float64))
     mass = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.flatten(), weight.flatten().double())
@@ -37,8 +37,8 @@ def expert_stats(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> dict[str, to
     I = w.down.shape[-1]
     for e in counts.nonzero().flatten().tolist():
         token, slot = torch.where(idx == e)
-        gu = F.linear(h[token], w.gate_up[e])  # [n, 2I]
-        y = F.linear(F.silu(gu[:, :I]) * gu[:, I:], w.down[e])  # [n, H]: the expert's output, unweighted
+        gu = F.linear(h[token], w.gate_up[e], w.gate_up_bias[e] if w.gate_up_bias is not None else None)  # [n, 2I]
+        y = F.linear(activate(gu[:, :I], gu[:, I:], w.act), w.down[e], w.down_bias[e] if w.down_bias is not None else None)  # [n, H] unweighted
         reap_sum[e] = (weight[token, slot].double() * y.double().norm(dim=-1)).sum()
     reap = torch.where(counts > 0, reap_sum / counts.clamp(min=1), torch.zeros_like(reap_sum))
     one_hot = torch.zeros(T, E, dtype=torch.float32).scatter_(1, idx, 1.0)  # [T, E]

@@ -62,6 +62,8 @@ def attention_shapes(arch: Arch, index: int, linear_form: str | None = None) -> 
         out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         out["self_attn.o_proj.bias"] = (H,)
+    if arch.sinks:
+        out["self_attn.sinks"] = (arch.num_heads,)
     if arch.qk_norm == "head":
         out.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     elif arch.qk_norm == "full":
@@ -122,7 +124,7 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
             router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H), "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias else None})
             shared = swiglu(spec.shared_width) if spec.shared_width else None
             gate = t(1, H) if shared is not None and layout.shared_gate_key else None
-            ffn = MoE(router, [swiglu(spec.expert_width) for _ in range(spec.num_experts)], shared, gate)
+            ffn = MoE(router, [swiglu(spec.expert_width) for _ in range(spec.num_experts)], shared, gate, spec.act)
         else:
             ffn = swiglu(int(text["intermediate_size"]))
         layers.append(Layer(i, attn, ffn))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..canonical import Arch, Layer, Model, MoE, Router, SwiGLU
+from ..canonical import SILU, Activation, Arch, Layer, Model, MoE, Router, SwiGLU
 from ..errors import BadInputError
 from ..lazy import Lazy, cat, stack
 from ..reader import CheckpointReader
@@ -142,6 +142,12 @@ def schedule_config(kind: str, moe: list[bool]) -> dict:
     raise ValueError(kind)
 
 
+def interleave(a: Lazy, b: Lazy) -> Lazy:
+    """Rows a_0, b_0, a_1, b_1... of two [n, ...] tensors (gpt-oss's fused gate/up)."""
+    shape = (2 * a.shape[0], *a.shape[1:])
+    return Lazy(shape, a.dtype, lambda: torch.stack([a.load(), b.load()], dim=1).reshape(shape))
+
+
 @dataclass
 class MoESpec:
     """The MoE fields of a config: one value for all MoE layers."""
@@ -151,6 +157,7 @@ class MoESpec:
     expert_width: int
     shared_width: int
     router: Router  # with a placeholder weight; per layer it is replaced
+    act: Activation = SILU  # the routed experts' activation
 
 
 class Layout:
@@ -166,7 +173,11 @@ class Layout:
     expert_proj: dict = {"gate": "gate", "up": "up", "down": "down"}
     fused_keys: tuple = ("experts.gate_up_proj", "experts.down_proj")  # 3-D expert tensors, where stored fused
     fused_transposed: bool = False  # [E, H, 2I] + [E, I, H] (Llama 4, gpt-oss) instead of [E, 2I, H] + [E, H, I]
+    gate_up_interleaved: bool = False  # fused gate/up alternate along 2I: gate_0, up_0, gate_1... (gpt-oss), not [gate | up]
+    expert_bias_suffix: str | None = None  # fused experts with biases: fused_keys[i] + suffix ([E, 2I], [E, H]; gpt-oss "_bias")
+    router_bias_key: str | None = None  # a bias of the router's linear, added to its logits (gpt-oss "router.bias")
     linear_attn_form: str | None = None  # hybrid layouts: Gated DeltaNet projections "grouped" (Qwen3-Next) or "flat" (Qwen3.5)
+    expert_kind: str = "swiglu"  # swiglu, or gpt_oss (clamped SwiGLU with biases): what the layout's experts compute
     hub_experts: str = "per_expert"  # how the family's Hub releases store experts (skeletons mimic it)
     experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused | as_read (the source's form; read: either)
     shared_key: str | None = None  # "shared_expert" | "shared_experts" | "shared_mlp"
@@ -198,6 +209,7 @@ class Layout:
     rope_interleave: bool = False  # GQA rope over (x0, x1), (x2, x3)... pairs (ERNIE)
     rope_parameters_style: bool = False  # write rope as transformers 5's rope_parameters (else rope_theta + rope_scaling)
     default_rope_theta: float = 10000.0
+    default_attention_bias: bool = False
     default_partial_rotary: float = 1.0
 
     # ---------------------------------------------------------------- config -> canonical
@@ -226,7 +238,7 @@ class Layout:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention=self.attention,
             qkv_bias=self.read_qkv_bias(cfg),
-            o_bias=self.qkv_bias == "with_o" and bool(cfg.get("attention_bias", False)),
+            o_bias=self.qkv_bias == "with_o" and bool(cfg.get("attention_bias", self.default_attention_bias)),
             qk_norm=self.read_qk_norm(cfg),
             sliding_window=self.read_sliding_window(cfg),
             dtype=str(dtype),
@@ -237,7 +249,7 @@ class Layout:
         if self.qkv_bias == "always":
             return True
         if self.qkv_bias in ("optional", "with_o"):
-            return bool(cfg.get("attention_bias", False))
+            return bool(cfg.get("attention_bias", self.default_attention_bias))
         return False
 
     def read_qk_norm(self, cfg: dict):
@@ -314,13 +326,24 @@ class Layout:
         for t, shape in zip((gate_up, down), want):
             if t.shape != shape:
                 raise BadInputError(f"{t.origin}: shape {list(t.shape)}, expected {list(shape)} from config.json")
+        biases = None
+        if self.expert_bias_suffix:  # [E, 2I] and [E, H]
+            biases = [take(prefix + k + self.expert_bias_suffix) for k in self.fused_keys]
+            for t, shape in zip(biases, ((E, 2 * I), (E, H))):
+                if t.shape != shape:
+                    raise BadInputError(f"{t.origin}: shape {list(t.shape)}, expected {list(shape)} from config.json")
         experts = []
         for j in range(E):
             gu, d = gate_up.select(j), down.select(j)
             if self.fused_transposed:  # [H, 2I], [I, H]
-                experts.append(SwiGLU(gu[:, :I].t(), gu[:, I:].t(), d.t()))
-            else:  # [2I, H], [H, I]
-                experts.append(SwiGLU(gu[:I], gu[I:], d))
+                gu, d = gu.t(), d.t()  # [2I, H], [H, I]
+            gate, up = (gu.index_select(0, range(0, 2 * I, 2)), gu.index_select(0, range(1, 2 * I, 2))) if self.gate_up_interleaved else (gu[:I], gu[I:])
+            expert = SwiGLU(gate, up, d)
+            if biases is not None:
+                b = biases[0].select(j)
+                expert.gate_bias, expert.up_bias = (b.index_select(0, range(0, 2 * I, 2)), b.index_select(0, range(1, 2 * I, 2))) if self.gate_up_interleaved else (b[:I], b[I:])
+                expert.down_bias = biases[1].select(j)
+            experts.append(expert)
         return experts
 
     def read_moe(self, reader: CheckpointReader, prefix: str, spec: MoESpec, take) -> MoE:
@@ -328,7 +351,8 @@ class Layout:
         bias = take(prefix + self.bias_key) if self.bias_key and prefix + self.bias_key in reader else None
         if bias is not None and self.bias_row:
             bias = bias.reshape(bias.numel)
-        router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias})
+        logit_bias = take(prefix + self.router_bias_key) if self.router_bias_key else None
+        router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias, "logit_bias": logit_bias})
         if prefix + self.fused_keys[0] in reader:
             experts = self.read_fused_experts(prefix, spec, take)
         else:
@@ -338,7 +362,7 @@ class Layout:
             shared = self.read_dense(f"{prefix}{self.shared_key}.", take)
         if self.shared_gate_key and shared is not None:
             shared_gate = take(prefix + self.shared_gate_key)
-        return MoE(router, experts, shared, shared_gate)
+        return MoE(router, experts, shared, shared_gate, spec.act)
 
     def validate(self, model: Model, spec: MoESpec | None = None) -> None:
         """Shapes agree with the config: errors name the tensor."""
@@ -428,14 +452,24 @@ class Layout:
         if self.bias_key:
             bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), torch.float32)
             out.append(PlannedTensor(prefix + self.bias_key, bias.reshape(1, bias.numel) if self.bias_row else bias))
+        if self.router_bias_key:
+            out.append(PlannedTensor(prefix + self.router_bias_key, moe.router.logit_bias or Lazy.zeros((moe.router.num_experts,), moe.router.weight.dtype)))
         if fused:  # streamed one expert at a time (lazy.stack parts)
+            join = interleave if self.gate_up_interleaved else (lambda a, b: cat([a, b]))
             if self.fused_transposed:
-                gate_up = stack([cat([e.gate, e.up]).t() for e in moe.experts])  # [E, H, 2I]
+                gate_up = stack([join(e.gate, e.up).t() for e in moe.experts])  # [E, H, 2I]
                 down = stack([e.down.t() for e in moe.experts])  # [E, I, H]
             else:
-                gate_up = stack([cat([e.gate, e.up]) for e in moe.experts])  # [E, 2I, H]
+                gate_up = stack([join(e.gate, e.up) for e in moe.experts])  # [E, 2I, H]
                 down = stack([e.down for e in moe.experts])  # [E, H, I]
             out += [PlannedTensor(prefix + self.fused_keys[0], gate_up), PlannedTensor(prefix + self.fused_keys[1], down)]
+            if self.expert_bias_suffix:
+                H, I, dtype = moe.experts[0].down.shape[0], moe.expert_width, moe.experts[0].gate.dtype
+                zeros = Lazy.zeros((I,), dtype)
+                gate_up_bias = stack([join(e.gate_bias or zeros, e.up_bias or zeros) for e in moe.experts])  # [E, 2I]
+                down_bias = stack([e.down_bias or Lazy.zeros((H,), dtype) for e in moe.experts])  # [E, H]
+                out += [PlannedTensor(prefix + self.fused_keys[0] + self.expert_bias_suffix, gate_up_bias),
+                        PlannedTensor(prefix + self.fused_keys[1] + self.expert_bias_suffix, down_bias)]
         else:
             for j, e in enumerate(moe.experts):
                 out += [PlannedTensor(prefix + self.expert_key.format(j=j, proj=self.expert_proj[p]), getattr(e, p)) for p in PROJ]

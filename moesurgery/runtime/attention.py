@@ -50,8 +50,12 @@ def gqa_attention(
     sin: torch.Tensor,
     positions: torch.Tensor,  # [T]
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    window: int | None = -1,  # this layer's sliding window (-1: the model's)
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Sinks (gpt-oss): self_attn.sinks [h] is one more logit per head in the softmax, its probability dropped."""
     B, T, _ = x.shape
+    window = arch.sliding_window if window == -1 else window
+    sinks = w.get("self_attn.sinks")
     h, kv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     q = _linear(x, w, "self_attn.q_proj")  # [B, T, h*d]
     k = _linear(x, w, "self_attn.k_proj")  # [B, T, kv*d]
@@ -83,21 +87,27 @@ def gqa_attention(
         k_all, v_all = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)  # [B, h, S, d]
     else:
         k_all, v_all = k, v
-    if x.device.type in SDPA_DEVICES:
-        window_ok = not arch.sliding_window or S <= arch.sliding_window
+    if x.device.type in SDPA_DEVICES and sinks is None:
+        window_ok = not window or S <= window
         if window_ok and (T == S or T == 1):  # causal over everything (prefill) or all of the cache (decode)
             out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=T == S and T > 1, scale=d**-0.5)
         else:
             k_pos = torch.arange(S, device=x.device) + (positions[0] - (S - T))
-            mask = causal_mask(positions, k_pos, arch.sliding_window)  # [T, S]
+            mask = causal_mask(positions, k_pos, window)  # [T, S]
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=d**-0.5)
         out = out.transpose(1, 2).reshape(B, T, h * d)
         return _linear(out, w, "self_attn.o_proj"), new_cache
     k, v = k_all, v_all
     k_pos = torch.arange(S, device=x.device) + (positions[0] - (S - T))
-    mask = causal_mask(positions, k_pos, arch.sliding_window)  # [T, S]
+    mask = causal_mask(positions, k_pos, window)  # [T, S]
     scores = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, h, T, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    if sinks is not None:  # gpt-oss: masked with finfo.min, a sink column per head, softmax, the sink dropped
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = torch.cat([scores, sinks.reshape(1, h, 1, 1).expand(B, h, T, 1).to(scores.dtype)], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = scores.softmax(dim=-1, dtype=scores.dtype)[..., :-1].to(q.dtype)
+    else:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
     out = (probs @ v).transpose(1, 2).reshape(B, T, h * d)
     return _linear(out, w, "self_attn.o_proj"), new_cache

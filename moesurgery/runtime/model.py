@@ -47,7 +47,17 @@ def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
         gate_up[e, I:].copy_(expert.up.load())
         down[e].copy_(expert.down.load())
     r = ffn.router
+    biased = ffn.experts[0].biased
+    zeros_i = Lazy.zeros((I,), torch.float32)
+
+    def stacked(parts) -> torch.Tensor:
+        return torch.stack([_load(p, device, dtype) for p in parts])
+
     return MoEWeights(
+        logit_bias=_load(r.logit_bias, device, dtype) if r.logit_bias is not None else None,
+        gate_up_bias=stacked([cat_bias(e.gate_bias or zeros_i, e.up_bias or zeros_i) for e in ffn.experts]) if biased else None,
+        down_bias=stacked([e.down_bias or Lazy.zeros((H,), torch.float32) for e in ffn.experts]) if biased else None,
+        act=ffn.act,
         router=r,
         router_weight=_load(r.weight, device, dtype),
         bias=r.bias.load().to(device=device, dtype=torch.float32) if r.bias is not None else None,
@@ -56,6 +66,12 @@ def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
         shared=load_swiglu(ffn.shared, device, dtype) if ffn.shared is not None else None,
         shared_gate=_load(ffn.shared_gate, device, dtype) if ffn.shared_gate is not None else None,
     )
+
+
+def cat_bias(a: Lazy, b: Lazy) -> Lazy:
+    from ..lazy import cat
+
+    return cat([a.to(b.dtype), b])
 
 
 def load_layer(layer: Layer, device="cpu", dtype=torch.float32) -> LoadedLayer:
@@ -154,7 +170,9 @@ class Runtime:
 
             out, cache = mla_attention(h, layer.attn, self.arch, positions, cache, state=state)
         else:
-            out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache)
+            types = self.arch.layer_types
+            window = self.arch.sliding_window if types is None or types[layer.index] == "sliding_attention" else None
+            out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache, window)
         return x + out, cache
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:

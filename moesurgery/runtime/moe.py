@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..canonical import Router
+from ..canonical import SILU, Activation, Router
 from . import cpu_gemv
 from .cpu_gemv import linear
 
@@ -49,14 +49,36 @@ class MoEWeights:
     down: torch.Tensor  # [E, H, I]
     shared: SwiGLUWeights | None
     shared_gate: torch.Tensor | None  # [1, H]
+    logit_bias: torch.Tensor | None = None  # [E] (gpt-oss)
+    gate_up_bias: torch.Tensor | None = None  # [E, 2I]: gate biases, then up biases (gpt-oss)
+    down_bias: torch.Tensor | None = None  # [E, H]
+    act: Activation = SILU
+
+    @property
+    def plain(self) -> bool:
+        """SwiGLU experts without biases: what every backend computes (else the loop does)."""
+        return self.act.kind == "silu" and self.gate_up_bias is None and self.down_bias is None
 
     @property
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
 
 
-def route(x: torch.Tensor, r: Router, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def activate(gate: torch.Tensor, up: torch.Tensor, act: Activation = SILU) -> torch.Tensor:
+    """The experts' gate x up product: silu(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
+    if act.kind == "silu":
+        return F.silu(gate) * up
+    gate, up = gate.clamp(max=act.limit), up.clamp(-act.limit, act.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+
+
+def route(x: torch.Tensor, r: Router, weight: torch.Tensor, bias: torch.Tensor | None,
+          logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (expert indices [T, k], weights [T, k] in x.dtype)."""
+    if logit_bias is not None:  # gpt-oss: a biased linear router, top-k of its logits, softmax over those k
+        logits = F.linear(x, weight, logit_bias)  # [T, E]
+        top, idx = logits.topk(r.top_k, dim=-1)
+        return idx, top.softmax(dim=-1, dtype=top.dtype).to(x.dtype)
     if r.scoring == "sigmoid":
         logits = F.linear(x, weight) if r.logits_in_model_dtype else F.linear(x.float(), weight.float())
         scores = logits.float().sigmoid()  # [T, E]
@@ -89,16 +111,17 @@ def expert_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.zeros(experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def experts_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def experts_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act: Activation = SILU) -> torch.Tensor:
     """One pass per expert that has tokens, like transformers' eager path. x [T, H] -> [T, H]."""
     out = torch.zeros_like(x)
     I = down.shape[-1]
     hit = torch.bincount(idx.flatten(), minlength=gate_up.shape[0]).nonzero().flatten().tolist()
     for e in hit:
         token, slot = torch.where(idx == e)  # [n], [n]
-        gu = F.linear(x[token], gate_up[e])  # [n, 2I]
-        h = F.silu(gu[:, :I]) * gu[:, I:]
-        y = F.linear(h, down[e]) * w[token, slot, None]
+        gu = F.linear(x[token], gate_up[e], gate_up_bias[e] if gate_up_bias is not None else None)  # [n, 2I]
+        h = activate(gu[:, :I], gu[:, I:], act)
+        y = F.linear(h, down[e], down_bias[e] if down_bias is not None else None) * w[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
@@ -315,8 +338,11 @@ def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_ro
     """x [..., H] -> [..., H] (and the expert indices [T, k] when return_routing)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # [T, H]
-    idx, w = route(x2, m.router, m.router_weight, m.bias)
-    out = BACKENDS[check_backend(backend)](x2, idx, w, m.gate_up, m.down)
+    idx, w = route(x2, m.router, m.router_weight, m.bias, m.logit_bias)
+    if m.plain:
+        out = BACKENDS[check_backend(backend)](x2, idx, w, m.gate_up, m.down)
+    else:  # biased / clamped experts (gpt-oss): the loop computes them
+        out = experts_loop(x2, idx, w, m.gate_up, m.down, m.gate_up_bias, m.down_bias, m.act)
     if m.shared is not None:
         shared = m.shared(x2)
         if m.shared_gate is not None:

@@ -27,7 +27,9 @@ def finer_experts(moe: MoE, m: int) -> tuple[MoE, list[str]]:
         raise ValueError(f"expert width {width} does not split into {m} slices")
     r = moe.router
     fold = 1.0 if (r.scoring == "sigmoid" and not r.renormalize) else float(m)
-    experts = [take_neurons(e, idx, fold) for e in moe.experts for idx in chunks(width, m)]
+    # a down bias b (gpt-oss): every slice is routed with the expert's weight w times m / fold (its down_proj carries
+    # fold), so a slice keeping b * fold / m adds up over the m slices to w * b, as before (tests/test_gpt_oss.py)
+    experts = [take_neurons(e, idx, fold, bias_scale=fold / m) for e in moe.experts for idx in chunks(width, m)]
     E = r.num_experts
     rows = torch.arange(E).repeat_interleave(m)  # expert e*m + j routes like e
     weight = r.weight.index_select(0, rows)
@@ -37,5 +39,6 @@ def finer_experts(moe: MoE, m: int) -> tuple[MoE, list[str]]:
     lossy = []
     if r.grouped and r.group_score == "top2_sum":
         lossy.append("group scores (sum of the top-2 experts of a group) change when experts are split")
-    router = replace(r, weight=weight, bias=bias, top_k=r.top_k * m)
-    return MoE(router, experts, moe.shared, moe.shared_gate), lossy
+    logit_bias = r.logit_bias.index_select(0, rows) if r.logit_bias is not None else None
+    router = replace(r, weight=weight, bias=bias, logit_bias=logit_bias, top_k=r.top_k * m)
+    return replace(moe, router=router, experts=experts), lossy

@@ -16,11 +16,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..canonical import MoE, SwiGLU
+from ..canonical import SILU, MoE, SwiGLU
 from ..lazy import Lazy, cat
 
 METHODS = ("reap", "output", "frequency", "mass", "random")
 MERGE_METHODS = ("select", "frequency", "aligned")
+MERGE_WHAT = {"select": "the members' strongest neurons, down_proj refitted", "frequency": "frequency-weighted average",
+              "aligned": "frequency-weighted average, down_proj refitted"}
 
 
 def saliency(stats: dict, method: str, experts: int, seed: int = 0) -> torch.Tensor:
@@ -45,8 +47,9 @@ def prune_moe(moe: MoE, keep: list[int]) -> MoE:
     """The MoE block with only experts `keep` (their router rows and correction bias; top-k unchanged;
     shared experts untouched). Whole experts keep their stored (FP8 / INT4) forms."""
     r = moe.router
-    router = replace(r, weight=_rows(r.weight, keep), bias=_rows(r.bias, keep) if r.bias is not None else None)
-    return MoE(router, [moe.experts[e] for e in keep], moe.shared, moe.shared_gate)
+    router = replace(r, weight=_rows(r.weight, keep), bias=_rows(r.bias, keep) if r.bias is not None else None,
+                     logit_bias=_rows(r.logit_bias, keep) if r.logit_bias is not None else None)
+    return replace(moe, router=router, experts=[moe.experts[e] for e in keep])
 
 
 def unselectable(moe: MoE) -> list[int]:
@@ -65,13 +68,39 @@ def unselectable(moe: MoE) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------- merging
+def expert_acts(X: torch.Tensor, e: SwiGLU, act=SILU) -> torch.Tensor:
+    """[T, I]: an expert's activations (gate x up, after its biases and activation) on X [T, H], in X's dtype."""
+    from ..runtime.moe import activate
+
+    load = lambda t: t.load().to(X.dtype) if t is not None else None  # noqa: E731
+    return activate(F.linear(X, load(e.gate), load(e.gate_bias)), F.linear(X, load(e.up), load(e.up_bias)), act)
+
+
+def expert_out(X: torch.Tensor, e: SwiGLU, act=SILU) -> torch.Tensor:
+    """[T, H]: one expert's output on X [T, H]."""
+    return F.linear(expert_acts(X, e, act), e.down.load().to(X.dtype), e.down_bias.load().to(X.dtype) if e.down_bias is not None else None)
+
+
 def expert_outputs(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> torch.Tensor:
     """[E, T, H]: every expert applied to the same tokens h [T, H] (unweighted)."""
-    outs = []
-    for e in moe.experts:
-        g, u, d = (t.load().to(dtype) for t in (e.gate, e.up, e.down))
-        outs.append(F.linear(F.silu(F.linear(h, g)) * F.linear(h, u), d))
-    return torch.stack(outs)
+    return torch.stack([expert_out(h.to(dtype), e, moe.act) for e in moe.experts])
+
+
+GROUPINGS = ("dominant", "hierarchical")
+
+
+def group_experts(features: torch.Tensor, n: int, freq: torch.Tensor, grouping: str = "dominant") -> list[list[int]]:
+    """n clusters of experts: `dominant` (M-SMoE): the n most used experts are the centres, every other joins the
+    centre whose outputs it is closest to (cosine); `hierarchical` (HC-SMoE): average-linkage clustering."""
+    if grouping == "hierarchical":
+        return cluster_experts(features, n)
+    f = F.normalize(features.double().flatten(1), dim=-1)
+    centres = sorted(freq.double().argsort(descending=True)[:n].tolist())
+    clusters = {c: [c] for c in centres}
+    for e in range(features.shape[0]):
+        if e not in clusters:
+            clusters[centres[int((f[centres] @ f[e]).argmax())]].append(e)
+    return [sorted(c) for c in clusters.values()]
 
 
 def cluster_experts(features: torch.Tensor, n: int) -> list[list[int]]:
@@ -99,17 +128,6 @@ def cluster_experts(features: torch.Tensor, n: int) -> list[list[int]]:
     return [sorted(clusters[a]) for a in alive]
 
 
-def _weighted(parts: list[Lazy], weights: list[float]) -> Lazy:
-    def load():
-        out = None
-        for p, w in zip(parts, weights):
-            t = p.load().double() * w
-            out = t if out is None else out + t
-        return out.to(parts[0].dtype)
-
-    return Lazy(parts[0].shape, parts[0].dtype, load)
-
-
 def distinct_top(importance: torch.Tensor, rows: torch.Tensor, n: int, same: float = 0.999) -> torch.Tensor:
     """The n most important neurons, skipping copies of one already kept (gate|up rows [N, 2H] at cosine >= `same`:
     merging identical experts keeps each neuron once and the refit down_proj counts it for both); sorted."""
@@ -126,20 +144,50 @@ def distinct_top(importance: torch.Tensor, rows: torch.Tensor, n: int, same: flo
     return torch.tensor(sorted(kept + rest[: n - len(kept)]))
 
 
+def _weighted(parts: list[Lazy | None], weights: list[float]) -> Lazy | None:
+    if parts[0] is None:
+        return None
+
+    def load():
+        out = None
+        for p, w in zip(parts, weights):
+            t = p.load().double() * w
+            out = t if out is None else out + t
+        return out.to(parts[0].dtype)
+
+    return Lazy(parts[0].shape, parts[0].dtype, load)
+
+
+def _ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float, intercept: bool, weights: torch.Tensor | None = None):
+    """(W [out, in], b [out] | None) minimising sum_t w_t |X_t W^T + b - Y_t|^2 + ridge * mean(diag) |W|^2."""
+    if intercept:
+        X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
+    if weights is not None:
+        X, Y = X * weights.sqrt()[:, None], Y * weights.sqrt()[:, None]
+    A = X.T @ X
+    reg = torch.full((A.shape[0],), ridge * float(A.diagonal().mean()), dtype=A.dtype)
+    if intercept:
+        reg[-1] = 0
+    sol = torch.linalg.solve(A + torch.diag(reg), X.T @ Y).T  # [out, in(+1)]
+    return (sol[:, :-1], sol[:, -1]) if intercept else (sol, None)
+
+
 def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, logits: torch.Tensor, ridge: float) -> tuple[SwiGLU, float]:
     """One expert of the members' width from their neurons: the union holds every member's neurons; the ones that
-    carry most of the cluster's routed output on X [T, H] are kept, and down_proj is refitted (weighted least
-    squares) to the members' output mixed by their routing probabilities, token by token. Works whether or not
-    the members' neurons correspond (experts split from one dense FFN share none)."""
+    carry most of the cluster's routed output on X [T, H] are kept (each once), and down_proj (and its bias, where
+    the experts have one) is refitted by weighted least squares to the members' output mixed by their routing
+    probabilities, token by token. Works whether or not the members' neurons correspond (experts split from one
+    dense FFN share none)."""
     probs = logits.softmax(-1) if moe.router.scoring == "softmax" else logits.sigmoid()  # [T, E]
     q = probs[:, members]  # [T, m]
     s = q.sum(-1).clamp(min=1e-12)  # [T] the cluster's routing mass per token
     acts, downs, owner = [], [], []
     want = torch.zeros(X.shape[0], X.shape[1], dtype=torch.float64)
     for i, e in enumerate(members):
-        g, u, d = (t.load().double() for t in (moe.experts[e].gate, moe.experts[e].up, moe.experts[e].down))
-        a = F.silu(X @ g.T) * (X @ u.T)  # [T, I]
-        want += (q[:, i] / s)[:, None] * (a @ d.T)
+        expert = moe.experts[e]
+        a = expert_acts(X, expert, moe.act)  # [T, I]
+        d = expert.down.load().double()
+        want += (q[:, i] / s)[:, None] * F.linear(a, d, expert.down_bias.load().double() if expert.down_bias is not None else None)
         acts.append(a)
         downs.append(d)
         owner.append(torch.full((a.shape[1],), i))
@@ -147,78 +195,96 @@ def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, logits: torch.
     share = (q / s[:, None])[:, owner]  # [T, mI] each neuron's weight in the mixture
     importance = ((A * share).pow(2) * s[:, None]).sum(0).sqrt() * D.norm(dim=0)  # [mI]
     I = moe.expert_width
-    keep = distinct_top(importance, torch.cat([torch.cat([moe.experts[e].gate.load(), moe.experts[e].up.load()], 1) for e in members]), I)
-    Ak = A[:, keep] * s.sqrt()[:, None]  # weighted rows
-    B = Ak.T @ Ak
-    B += ridge * B.diagonal().mean() * torch.eye(I, dtype=torch.float64)  # ridge relative to the activations' scale
-    d_new = torch.linalg.solve(B, Ak.T @ (want * s.sqrt()[:, None])).T  # [H, I]
-    err = float(((A[:, keep] @ d_new.T - want) * s.sqrt()[:, None]).norm() / (want * s.sqrt()[:, None]).norm().clamp(min=1e-30))
+    rows = torch.cat([torch.cat([moe.experts[e].gate.load(), moe.experts[e].up.load()], 1) for e in members])
+    keep = distinct_top(importance, rows, I)
+    biased = moe.experts[members[0]].biased
+    d_new, b_new = _ridge_fit(A[:, keep], want, ridge, intercept=biased, weights=s)
+    fit = F.linear(A[:, keep], d_new, b_new)
+    err = float(((fit - want) * s.sqrt()[:, None]).norm() / (want * s.sqrt()[:, None]).norm().clamp(min=1e-30))
     offsets = [0]
     for e in members:
         offsets.append(offsets[-1] + moe.experts[e].width)
-    gates, ups = [], []
-    for i, e in enumerate(members):  # the kept neurons of each member, as one row selection of its gate / up
-        mine = keep[(keep >= offsets[i]) & (keep < offsets[i + 1])]
+    parts: dict[str, list] = {"gate": [], "up": [], "gate_bias": [], "up_bias": []}
+    for i, e in enumerate(members):  # the kept neurons of each member, as one row selection per tensor
+        mine = keep[(keep >= offsets[i]) & (keep < offsets[i + 1])] - offsets[i]
         if mine.numel():
-            gates.append(moe.experts[e].gate.index_select(0, mine - offsets[i]))
-            ups.append(moe.experts[e].up.index_select(0, mine - offsets[i]))
-  # keep is sorted, so the members' neurons come in the order d_new's columns hold them
+            for name in parts:
+                t = getattr(moe.experts[e], name)
+                if t is not None:
+                    parts[name].append(t.index_select(0, mine))
+    # keep is sorted, so the members' neurons come in the order d_new's columns hold them
     dtype = moe.experts[members[0]].down.dtype
-    return SwiGLU(cat(gates), cat(ups), Lazy.of(d_new.to(dtype).contiguous())), err
+    new = SwiGLU(cat(parts["gate"]), cat(parts["up"]), Lazy.of(d_new.to(dtype).contiguous()))
+    if biased:
+        new.gate_bias, new.up_bias, new.down_bias = cat(parts["gate_bias"]), cat(parts["up_bias"]), Lazy.of(b_new.to(dtype).contiguous())
+    return new, err
 
 
 def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.Tensor, method: str = "frequency",
-              ridge: float = 1e-3) -> tuple[MoE, dict]:
-    """One expert per cluster: the frequency-weighted average of its members' weights ("aligned": down_proj then
-    refitted by least squares so the merged output matches the members' frequency-weighted output on h [T, H]).
-    The merged router row is fitted so its logit tracks the cluster's routing mass on h (softmax: log-sum-exp of
-    the members' logits; sigmoid: the logit of their summed scores); the bias is the frequency-weighted mean."""
+              ridge: float = 1e-3, router: str = "fit") -> tuple[MoE, dict]:
+    """One expert per cluster (`select`: see select_neurons; `frequency`: the frequency-weighted average of its
+    members' weights; `aligned`: that average with down_proj refitted to the members' frequency-weighted output on
+    h [T, H]). The merged router row (and logit bias) is fitted so its logit tracks the cluster's routing mass on h
+    (softmax: log-sum-exp of the members' logits; sigmoid: the logit of their summed scores), or (`router="centre"`)
+    is the most used member's row, so routing among the kept experts is as before (as pruning keeps it); a selection
+    bias is the centre's, or
+    the frequency-weighted mean."""
     r = moe.router
     W = r.weight.load().double()  # [E, H]
     X = h.double()  # [T, H]
-    logits = X @ W.T  # [T, E]
-    rows, experts, biases = [], [], []
-    A = X.T @ X + ridge * X.shape[0] * torch.eye(X.shape[1], dtype=torch.float64)  # ridge normal equations
+    lb = r.logit_bias.load().double() if r.logit_bias is not None else None
+    logits = F.linear(X, W, lb)  # [T, E]
+    rows, row_biases, experts, members_of = [], [], [], []
     errors = []
     for members in clusters:
         p = freq[members].double()
         p = p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1 / len(members))
+        members_of.append(members)
         if len(members) == 1:
             rows.append(W[members[0]])
+            row_biases.append(lb[members[0]] if lb is not None else None)
             experts.append(moe.experts[members[0]])
-            biases.append(members)
             continue
-        if r.scoring == "softmax":
-            target = torch.logsumexp(logits[:, members], dim=-1)  # [T]
+        centre = members[int(freq[members].argmax())]
+        if router == "centre":
+            rows.append(W[centre])
+            row_biases.append(lb[centre] if lb is not None else None)
         else:
-            s = torch.sigmoid(logits[:, members]).sum(-1).clamp(1e-6, 1 - 1e-6)
-            target = torch.log(s / (1 - s))
-        rows.append(torch.linalg.solve(A, X.T @ target))
+            if r.scoring == "softmax":
+                target = torch.logsumexp(logits[:, members], dim=-1)  # [T]
+            else:
+                s = torch.sigmoid(logits[:, members]).sum(-1).clamp(1e-6, 1 - 1e-6)
+                target = torch.log(s / (1 - s))
+            row, row_bias = _ridge_fit(X, target[:, None], ridge, intercept=lb is not None)
+            rows.append(row[0])
+            row_biases.append(row_bias[0] if row_bias is not None else None)
         if method == "select":
             expert, err = select_neurons(moe, members, X, logits, ridge)
             experts.append(expert)
             errors.append(err)
-            biases.append(members)
             continue
-        gate = _weighted([moe.experts[e].gate for e in members], p.tolist())
-        up = _weighted([moe.experts[e].up for e in members], p.tolist())
-        down = _weighted([moe.experts[e].down for e in members], p.tolist())
+        ws = p.tolist()
+        merged = SwiGLU(*(_weighted([getattr(moe.experts[e], name) for e in members], ws) for name in ("gate", "up", "down")))
+        merged.gate_bias, merged.up_bias, merged.down_bias = (_weighted([getattr(moe.experts[e], n) for e in members], ws)
+                                                              for n in ("gate_bias", "up_bias", "down_bias"))
         if method == "aligned":  # down_proj fitted so the merged output matches the members' weighted output on h
-            ys = expert_outputs(h, MoE(r, [moe.experts[e] for e in members]))  # [m, T, H]
-            want = (ys.double() * p[:, None, None]).sum(0)  # [T, H]
-            g, u = gate.load().double(), up.load().double()
-            act = F.silu(X @ g.T) * (X @ u.T)  # [T, I]
-            B = act.T @ act + ridge * act.shape[0] * torch.eye(act.shape[1], dtype=torch.float64)
-            d_new = torch.linalg.solve(B, act.T @ want).T  # [H, I]
-            errors.append(float((act @ d_new.T - want).norm() / want.norm().clamp(min=1e-30)))
-            down = Lazy.of(d_new.to(moe.experts[members[0]].down.dtype))
-        experts.append(SwiGLU(gate, up, down))
-        biases.append(members)
+            want = sum(w * expert_out(X, moe.experts[e], moe.act) for w, e in zip(ws, members))  # [T, H]
+            a = expert_acts(X, merged, moe.act)  # [T, I]
+            d_new, b_new = _ridge_fit(a, want, ridge, intercept=merged.down_bias is not None)
+            errors.append(float((F.linear(a, d_new, b_new) - want).norm() / want.norm().clamp(min=1e-30)))
+            merged.down = Lazy.of(d_new.to(moe.experts[members[0]].down.dtype))
+            if b_new is not None:
+                merged.down_bias = Lazy.of(b_new.to(moe.experts[members[0]].down.dtype))
+        experts.append(merged)
     weight = torch.stack(rows).to(r.weight.dtype)
     bias = None
     if r.bias is not None:
         b = r.bias.load().double()
-        bias = Lazy.of(torch.stack([(b[m] * (freq[m].double() / freq[m].double().sum().clamp(min=1e-30))).sum() if len(m) > 1 else b[m[0]]
-                                    for m in biases]).to(r.bias.dtype))
-    router = replace(r, weight=Lazy.of(weight), bias=bias)
-    return MoE(router, experts, moe.shared, moe.shared_gate), {"clusters": clusters, "aligned_rel_err": errors}
+        if router == "centre":
+            bias = Lazy.of(torch.stack([b[m[int(freq[m].argmax())]] for m in members_of]).to(r.bias.dtype))
+        else:
+            bias = Lazy.of(torch.stack([(b[m] * (freq[m].double() / freq[m].double().sum().clamp(min=1e-30))).sum() if len(m) > 1 else b[m[0]]
+                                        for m in members_of]).to(r.bias.dtype))
+    logit_bias = Lazy.of(torch.stack(row_biases).to(r.logit_bias.dtype)) if lb is not None else None
+    router = replace(r, weight=Lazy.of(weight), bias=bias, logit_bias=logit_bias)
+    return replace(moe, router=router, experts=experts), {"clusters": clusters, "aligned_rel_err": errors}

@@ -8,12 +8,16 @@ from ..canonical import SwiGLU
 from ..lazy import cat
 
 
-def take_neurons(ffn: SwiGLU, index: torch.Tensor, down_scale: float = 1.0) -> SwiGLU:
-    """The sub-FFN made of neurons `index` (rows of gate/up, columns of down), down scaled."""
+def take_neurons(ffn: SwiGLU, index: torch.Tensor, down_scale: float = 1.0, bias_scale: float = 1.0) -> SwiGLU:
+    """The sub-FFN made of neurons `index` (rows of gate/up and their biases, columns of down), down scaled; a down
+    bias (gpt-oss) scaled by `bias_scale` (the slices' outputs add up: each keeps its share of it)."""
     return SwiGLU(
         ffn.gate.index_select(0, index),
         ffn.up.index_select(0, index),
         ffn.down.index_select(1, index).scale(down_scale),
+        ffn.gate_bias.index_select(0, index) if ffn.gate_bias is not None else None,
+        ffn.up_bias.index_select(0, index) if ffn.up_bias is not None else None,
+        ffn.down_bias.scale(bias_scale) if ffn.down_bias is not None else None,
     )
 
 

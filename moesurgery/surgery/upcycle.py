@@ -11,7 +11,7 @@ SwiGLU is not homogeneous in them). Shared slices are always-on experts with wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,6 +111,8 @@ def extract_shared(moe: MoE, width: int, match: float = 1.0) -> tuple[MoE, list[
     E, f = len(moe.experts), moe.expert_width
     if width <= 0:
         return moe, [], {}
+    if moe.act.kind != "silu" or moe.experts[0].biased:
+        raise ValueError("shared experts are plain SwiGLU: neurons of gpt-oss experts (clamped, biased) cannot move into one")
     if width >= f:
         raise ValueError(f"shared width {width} must be smaller than the expert width {f}")
     def features(e: SwiGLU) -> torch.Tensor:  # [f, 3H]: neuron i's gate row, up row and down column
@@ -154,4 +156,4 @@ def extract_shared(moe: MoE, width: int, match: float = 1.0) -> tuple[MoE, list[
     shared = shared_new if moe.shared is None else concat_neurons([moe.shared, shared_new])
     experts = [take_neurons(e, keep) for e in moe.experts]
     stats = {"shared_min_similarity": float(similarity[chosen].min()), "shared_mean_similarity": float(similarity[chosen].mean()), "shared_identical": identical}
-    return MoE(r, experts, shared, moe.shared_gate), lossy, stats
+    return replace(moe, experts=experts, shared=shared), lossy, stats
