@@ -26,12 +26,20 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     assert first.startswith("# moesurgery ") and f"--recipe {name}" in first, "a recipe starts with the command it runs"
     recipe = tomllib.loads(text)
     src = write_skeleton(recipe["model_config"], tmp_path / "src")
-    rc = main([recipe["command"], str(src), str(tmp_path / "out"), "--recipe", name, "--dry-run", "--json"])
+    donors = []  # a donor recipe: its donors as skeletons of the same model (their Hub ids are not fetched here)
+    for i, _ in enumerate(recipe.get("donors", [])):
+        donors += ["--donor", str(write_skeleton(recipe["model_config"], tmp_path / f"donor{i}"))]
+    rc = main([recipe["command"], str(src), str(tmp_path / "out"), "--recipe", name, "--dry-run", "--json", *donors])
     out = capsys.readouterr().out
     assert rc == 0, capsys.readouterr().err
     report = json.loads(out)
     assert not (tmp_path / "out").exists()
-    if recipe["command"] == "upcycle":
+    if recipe.get("donors"):
+        from moesurgery.recipes import load_donors
+
+        sources, prompts = load_donors(name)
+        assert len(sources) == len(prompts) == len(recipe["donors"]) and report["experts"] == len(sources) * recipe["options"]["granularity"]
+    elif recipe["command"] == "upcycle":
         assert report["expected"] == "exact"
     cfg = recipe["model_config"].get("text_config", recipe["model_config"])  # a wrapper's language model
     dense = recipe["options"].get("first_k_dense", 0) or cfg.get("first_k_dense_replace", 0)
@@ -41,7 +49,9 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     if "text_config" in recipe["model_config"]:
         assert any("wrapper" in n for n in report["notes"]), report["notes"]
     options = recipe["options"]
-    if "experts" in options:
+    if recipe.get("donors"):
+        assert report["top_k"] == options["top_k"] and report["shared_width"] == cfg["intermediate_size"] // (options["granularity"] + options["shared"]) * options["shared"]
+    elif "experts" in options:
         assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]
     else:  # finer experts: E*m experts, k*m top-k
         m = options["granularity"]
