@@ -74,6 +74,7 @@ class Router:
     softmax_in_model_dtype: bool = False  # deepseek v1, mistral4: logits and softmax in the model dtype
     logits_in_model_dtype: bool = False  # minimax_m2: sigmoid router logits in the model dtype (sigmoid in fp32)
     logit_bias: Lazy | None = None  # [E] added to the logits (gpt-oss's router is a biased linear): selection and weights
+    weight_on_input: bool = False  # Llama 4: an expert computes e(w * x), the weight scaling its input, not its output
 
     @property
     def num_experts(self) -> int:
@@ -131,6 +132,10 @@ class Arch:
     layer_types: list | None = None  # per layer: "linear_attention" / "full_attention" (hybrid), "sliding_attention" / "full_attention" (gpt-oss)
     linear_attn: dict = field(default_factory=dict)  # hybrid: Gated DeltaNet dims {nk, nv, dk, dv, kernel}
     norm_offset: bool = False  # RMSNorms apply (1 + w), zero-centred (Qwen3-Next / 3.5)
+    rope_layers: list | None = None  # Llama 4: per layer True (rope) / False (NoPE); None: every layer rotates
+    qk_l2: bool = False  # Llama 4: weightless RMS (L2) norm of q and k per head, after rope, on rope layers
+    attn_temperature: tuple | None = None  # Llama 4 NoPE layers: q *= 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
+    attention_chunk: int | None = None  # Llama 4 "chunked_attention" layers: queries see keys of their own chunk only
     sinks: bool = False  # gpt-oss: a learned sink logit per head (self_attn.sinks [h]) in every softmax's denominator
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config

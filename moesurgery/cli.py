@@ -36,6 +36,8 @@ from .errors import (EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, BadInputErro
                      VerificationError, environment_error)
 from .units import human_bytes, human_count, parse_size
 
+PRUNE_DEFAULT = "output"  # the best measured saliency (BENCHMARKS.md "pruning"); the library's default too
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -386,25 +388,29 @@ def prune_experts(
     output: Path = typer.Argument(..., help="Output directory."),
     keep: Optional[int] = typer.Option(None, "--keep", help="Experts to keep in every MoE layer."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of each layer's experts to remove (0-1)."),
-    method: str = typer.Option("reap", "--method", help="Saliency: reap (router-weighted activation norm), frequency, mass, random."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"Saliency: reap (REAP: mean over an expert's tokens of weight x output norm), output (that summed over its tokens: the routed output pruning removes), frequency, mass, random (default: {PRUNE_DEFAULT}, the best measured)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the saliencies are measured on (a file, or `pydoc`; default pydoc)."),
     calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
     per_layer: bool = typer.Option(True, "--per-layer/--global", help="Rank experts within each layer (layouts hold one expert count per model)."),
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
     to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
     max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"], json_out: bool = CommonSurgery["json_out"],
-    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], recipe: Optional[str] = CommonSurgery["recipe"],
 ):
-    """Make an MoE smaller: drop the least salient experts of every layer (REAP by default), router kept consistent."""
+    """Make an MoE smaller: drop the least salient experts of every layer (by routed output by default), router kept consistent."""
     from .operations import prune_experts as run
 
     _check_serve(serve_tp, serve_ep)
     if calibration_tokens < 1:
         raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
-    report = run(source, output, keep=keep, fraction=fraction, method=method, calibration_text=_calibration(calibration),
+    from .recipes import load_model_config, load_recipe, merge
+
+    o = merge(load_recipe(recipe, "prune-experts") if recipe else {}, dict(keep=keep, fraction=fraction, method=method, to=to),
+              dict(keep=None, fraction=None, method=PRUNE_DEFAULT, to=None), dict(keep=int, fraction=float, method=str, to=str))
+    report = run(source, output, calibration_text=_calibration(calibration),
                  calibration_name=_cal_name(calibration), calibration_tokens=calibration_tokens, per_layer=per_layer, eval_text=_eval_text(text),
-                 to=to, dry_run=dry_run, overwrite=overwrite, seed=seed or 0, max_shard_size=parse_size(max_shard_size), command=command_line(),
-                 serve_tp=serve_tp, serve_ep=serve_ep)
+                 dry_run=dry_run, overwrite=overwrite, seed=seed or 0, max_shard_size=parse_size(max_shard_size), command=command_line(),
+                 serve_tp=serve_tp, serve_ep=serve_ep, recipe_model=load_model_config(recipe) if recipe else None, **o)
     emit_json(report) if json_out else print_reduction(report)
 
 

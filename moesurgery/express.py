@@ -316,6 +316,9 @@ def express(model: Model, layout: Layout) -> Expressed:
             if isinstance(layer.ffn, MoE):
                 router, experts = express_router(layer.ffn.router, layout, out, layer.ffn.experts)
                 shared, gate = express_shared(layer.ffn, layout, out, layer.attn.get("post_attention_layernorm.weight"))
+                if layer.ffn.router.weight_on_input != layout.weight_on_input:
+                    have = "routing weights on the experts' input (Llama 4)" if layout.weight_on_input is False else "routing weights on the experts' output"
+                    raise BadInputError(f"{model.family} has {have}; {name} weighs the other side: experts cannot be converted")
                 if (layer.ffn.act.kind != "silu" or layer.ffn.experts[0].biased) != (layout.expert_kind == "gpt_oss"):
                     have = "gpt-oss experts (clamped SwiGLU, biases)" if layout.expert_kind != "gpt_oss" else "SwiGLU experts"
                     raise BadInputError(f"{model.family} has {have}; {name} experts compute another function: experts cannot be converted")

@@ -425,10 +425,11 @@ def _eval_perplexity(report: dict, source, output, text: str | None) -> None:
 
 
 def prune_experts(
-    source, output, *, keep: int | None = None, fraction: float | None = None, method: str = "reap", calibration_text: str | None = None,
+    source, output, *, keep: int | None = None, fraction: float | None = None, method: str = "output", calibration_text: str | None = None,
     calibration_name: str | None = None, calibration_tokens: int = 4096, per_layer: bool = True, eval_text: str | None = None,
     to: str | None = None, allow_lossy: bool = True, dry_run: bool = False, overwrite: bool = False, seed: int = 0,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery prune-experts", serve_tp: int = 1, serve_ep: int = 1,
+    recipe_model: dict | None = None,
 ) -> dict:
     """Drop the least salient experts of every MoE layer (the same number per layer: layouts hold one expert
     count); router rows, correction bias and stored forms follow; top-k and shared experts unchanged. Exact only
@@ -443,6 +444,7 @@ def prune_experts(
         raise UsageError("--global pruning keeps a different number of experts per layer, and every supported layout holds one "
                          "expert count for all its layers: use --per-layer")
     opened = open_model(source)
+    check_recipe_model(recipe_model, opened)
     model = opened.model
     E = len(model.moe_layers()[0].ffn.experts) if model.moe_layers() else 0
     if fraction is not None:

@@ -126,7 +126,7 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
             gate = t(1, H) if shared is not None and layout.shared_gate_key else None
             ffn = MoE(router, [swiglu(spec.expert_width) for _ in range(spec.num_experts)], shared, gate, spec.act)
         else:
-            ffn = swiglu(int(text["intermediate_size"]))
+            ffn = swiglu(int(text[layout.dense_width_key]))
         layers.append(Layer(i, attn, ffn))
     lm_head = None if arch.tie_word_embeddings else t(arch.vocab_size, H)
     return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), quantization=quant,

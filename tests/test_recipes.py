@@ -49,7 +49,9 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     if "text_config" in recipe["model_config"]:
         assert any("wrapper" in n for n in report["notes"]), report["notes"]
     options = recipe["options"]
-    if recipe.get("donors"):
+    if recipe["command"] == "prune-experts":
+        assert report["experts"] == options["keep"] and report["expected"] == "lossy"
+    elif recipe.get("donors"):
         assert report["top_k"] == options["top_k"] and report["shared_width"] == cfg["intermediate_size"] // (options["granularity"] + options["shared"]) * options["shared"]
     elif "experts" in options:
         assert report["experts"] == options["experts"] and report["top_k"] == options["top_k"]

@@ -15,6 +15,7 @@ from . import (
     gpt_oss,
     hy_v3,
     kimi_k2,
+    llama4,
     llama,
     minimax_m2,
     ministral3,
@@ -40,7 +41,7 @@ LAYOUTS: dict[str, Layout] = {
         mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2, deepseek_v3, glm4_moe,  # 2024-25 MoE
         kimi_k2, deepseek_v32, glm_moe_dsa, mistral4, minimax_m2, dots1, hy_v3, solar_open, ernie4_5_moe,  # the 2025-26 lineage
         qwen3_5, qwen3_next, qwen3_5_moe,  # hybrid linear attention
-        gpt_oss,  # 2026's most used outside the DeepSeek template
+        gpt_oss, llama4,  # 2026's most used outside the DeepSeek template
     )
 }
 ALIASES = {alias: layout for layout in LAYOUTS.values() for alias in layout.aliases}

@@ -177,6 +177,8 @@ class Layout:
     expert_bias_suffix: str | None = None  # fused experts with biases: fused_keys[i] + suffix ([E, 2I], [E, H]; gpt-oss "_bias")
     router_bias_key: str | None = None  # a bias of the router's linear, added to its logits (gpt-oss "router.bias")
     linear_attn_form: str | None = None  # hybrid layouts: Gated DeltaNet projections "grouped" (Qwen3-Next) or "flat" (Qwen3.5)
+    dense_width_key: str = "intermediate_size"  # the config field of the dense layers' width (Llama 4: intermediate_size_mlp)
+    weight_on_input: bool = False  # the router's weight scales the expert's input (Llama 4)
     expert_kind: str = "swiglu"  # swiglu, or gpt_oss (clamped SwiGLU with biases): what the layout's experts compute
     hub_experts: str = "per_expert"  # how the family's Hub releases store experts (skeletons mimic it)
     experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused | as_read (the source's form; read: either)
@@ -382,7 +384,7 @@ class Layout:
         check(model.norm, (H,), "model.norm.weight")
         if model.lm_head is not None:
             check(model.lm_head, (a.vocab_size, H), "lm_head.weight")
-        dense_width = model.config.get("intermediate_size")
+        dense_width = model.config.get(self.dense_width_key)
         gqa = {
             "self_attn.q_proj.weight": (a.num_heads * a.head_dim, H),
             "self_attn.k_proj.weight": (a.num_kv_heads * a.head_dim, H),

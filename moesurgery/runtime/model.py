@@ -172,7 +172,7 @@ class Runtime:
         else:
             types = self.arch.layer_types
             window = self.arch.sliding_window if types is None or types[layer.index] == "sliding_attention" else None
-            out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache, window)
+            out, cache = gqa_attention(h, layer.attn, self.arch, *rope, positions, cache, window, layer.index)
         return x + out, cache
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:

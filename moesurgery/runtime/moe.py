@@ -57,7 +57,7 @@ class MoEWeights:
     @property
     def plain(self) -> bool:
         """SwiGLU experts without biases: what every backend computes (else the loop does)."""
-        return self.act.kind == "silu" and self.gate_up_bias is None and self.down_bias is None
+        return self.act.kind == "silu" and self.gate_up_bias is None and self.down_bias is None and not self.router.weight_on_input
 
     @property
     def num_experts(self) -> int:
@@ -112,16 +112,20 @@ def expert_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
 
 
 def experts_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act: Activation = SILU) -> torch.Tensor:
-    """One pass per expert that has tokens, like transformers' eager path. x [T, H] -> [T, H]."""
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None, act: Activation = SILU,
+                 weight_on_input: bool = False) -> torch.Tensor:
+    """One pass per expert that has tokens, like transformers' eager path. x [T, H] -> [T, H].
+    weight_on_input (Llama 4): each pair computes e(w x) instead of w e(x)."""
     out = torch.zeros_like(x)
     I = down.shape[-1]
     hit = torch.bincount(idx.flatten(), minlength=gate_up.shape[0]).nonzero().flatten().tolist()
     for e in hit:
         token, slot = torch.where(idx == e)  # [n], [n]
-        gu = F.linear(x[token], gate_up[e], gate_up_bias[e] if gate_up_bias is not None else None)  # [n, 2I]
+        xe = x[token] * w[token, slot, None] if weight_on_input else x[token]
+        gu = F.linear(xe, gate_up[e], gate_up_bias[e] if gate_up_bias is not None else None)  # [n, 2I]
         h = activate(gu[:, :I], gu[:, I:], act)
-        y = F.linear(h, down[e], down_bias[e] if down_bias is not None else None) * w[token, slot, None]
+        y = F.linear(h, down[e], down_bias[e] if down_bias is not None else None)
+        y = y if weight_on_input else y * w[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
@@ -342,7 +346,7 @@ def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_ro
     if m.plain:
         out = BACKENDS[check_backend(backend)](x2, idx, w, m.gate_up, m.down)
     else:  # biased / clamped experts (gpt-oss): the loop computes them
-        out = experts_loop(x2, idx, w, m.gate_up, m.down, m.gate_up_bias, m.down_bias, m.act)
+        out = experts_loop(x2, idx, w, m.gate_up, m.down, m.gate_up_bias, m.down_bias, m.act, m.router.weight_on_input)
     if m.shared is not None:
         shared = m.shared(x2)
         if m.shared_gate is not None:
