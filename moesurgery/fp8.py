@@ -75,7 +75,7 @@ def requantized(tensors: list, quantization: dict) -> tuple[list | None, str | N
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         if kind == "MXFP4":
-            return None, "MXFP4 is read, not written back yet"
+            return None, f"{lost[0]}{more} cannot stay MXFP4 (not a group-aligned slice of its experts' stored blocks)"
         return None, f"{lost[0]}{more} cannot stay {kind} (not a {'block' if kind == 'FP8' else 'group'}-aligned slice of a quantized weight)"
     out = []
     for t in tensors:

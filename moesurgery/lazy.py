@@ -253,6 +253,11 @@ class Lazy:
         sl = tuple(slice(a, b) for a, b in ranges)
         return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), form=form)
 
+    def _moved(self, move: str, *args):
+        """The stored form after a move only some forms follow (select, t, take_range: MXFP4's), else None."""
+        f = getattr(self.form, move, None) if self.form is not None else None
+        return f(*args) if f is not None else None
+
     def select(self, j: int) -> "Lazy":
         """self[j] without its leading dim: one expert of a fused [E, ...] tensor, read as a slice."""
         shape = self.shape[1:]
@@ -260,9 +265,9 @@ class Lazy:
             parent_slice = self._load_slice
             full = tuple((0, s) for s in shape)
             return Lazy(shape, self.dtype, lambda: parent_slice(((j, j + 1),) + full)[0].contiguous(),
-                        lambda ranges: parent_slice(((j, j + 1),) + tuple(ranges))[0].contiguous())
+                        lambda ranges: parent_slice(((j, j + 1),) + tuple(ranges))[0].contiguous(), form=self._moved("select", j))
         parent = self.load
-        return Lazy(shape, self.dtype, lambda: parent()[j].contiguous())
+        return Lazy(shape, self.dtype, lambda: parent()[j].contiguous(), form=self._moved("select", j))
 
     def t(self) -> "Lazy":
         """The 2-D transpose; slices of it still read only their part (transposed form on disk)."""
@@ -275,9 +280,9 @@ class Lazy:
                 rows, cols = (tuple(ranges) + ((0, shape[1]),))[:2]
                 return parent_slice((cols, rows)).T.contiguous()
 
-            return Lazy(shape, self.dtype, lambda: load_slice(((0, shape[0]), (0, shape[1]))), load_slice)
+            return Lazy(shape, self.dtype, lambda: load_slice(((0, shape[0]), (0, shape[1]))), load_slice, form=self._moved("t"))
         parent = self.load
-        return Lazy(shape, self.dtype, lambda: parent().T.contiguous())
+        return Lazy(shape, self.dtype, lambda: parent().T.contiguous(), form=self._moved("t"))
 
     def reshape(self, *shape: int) -> "Lazy":
         parent = self.load
@@ -303,6 +308,12 @@ class Lazy:
     def index_select(self, dim: int, index) -> "Lazy":
         if isinstance(index, range) and index.step == 1:  # contiguous neurons: a slice (no torch work)
             return self[index.start : index.stop] if dim == 0 else self[:, index.start : index.stop]
+        if isinstance(index, range):  # strided rows (gpt-oss's interleaved gate / up): forms that can, follow
+            shape = list(self.shape)
+            shape[dim] = len(index)
+            sl = (slice(None),) * dim + (slice(index.start, index.stop, index.step),)
+            parent = self.load
+            return Lazy(shape, self.dtype, lambda: parent()[sl].contiguous(), form=self._moved("take_range", dim, index))
         index = torch.as_tensor(index, dtype=torch.long)
         if dim == 0 and index.numel() and bool((index[1:] - index[:-1] == 1).all()):
             return self[int(index[0]) : int(index[-1]) + 1]

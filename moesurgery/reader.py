@@ -385,6 +385,11 @@ class CheckpointReader:
     def _fp8_form(self, key: str):
         """The stored form of a dequantized weight (so it can be written back quantized): the raw float8
         data and scale_inv (FP8), or packed words and scales (INT4); None for any other tensor."""
+        if key in self.mxfp4:
+            b, s = self.mxfp4[key]
+            E, cols, out = self.tensors[key].shape
+            return mxfp4.Mxfp4(Call(CheckpointReader._stored, self, b), Call(CheckpointReader._stored, self, s), None, range(out),
+                               (0, cols // mxfp4.GROUP), transposed=True)
         if key in self.int4:
             p, sc, sh = self.int4[key]
             return int4.Int4(Call(CheckpointReader._stored, self, p), Call(CheckpointReader._stored, self, sc), self.int4_group, sh.dtype, self.tensors[key].shape,

@@ -88,6 +88,24 @@ def hybrid_shapes(arch: Arch, index: int, linear_form: str | None) -> dict[str, 
             "linear_attn.dt_bias": (nv,), "linear_attn.A_log": (nv,), "linear_attn.norm.weight": (dv,), "linear_attn.out_proj.weight": (H, nv * dv)}
 
 
+def mxfp4_forms(experts: list[SwiGLU], I: int, H: int) -> None:
+    """Give every expert the MXFP4 forms of gpt-oss's stored gate_up_proj [E, 2I, H/32, 16] (gate / up rows
+    interleaved) and down_proj [E, H, I/32, 16] (placeholders: a skeleton has no data)."""
+    from .mxfp4 import GROUP, Mxfp4
+
+    E = len(experts)
+
+    def stored(shape):
+        return lambda: _placeholder(shape, torch.uint8)
+
+    gu = (stored((E, 2 * I, H // GROUP, GROUP // 2)), stored((E, 2 * I, H // GROUP)))
+    dn = (stored((E, H, I // GROUP, GROUP // 2)), stored((E, H, I // GROUP)))
+    for j, e in enumerate(experts):
+        e.gate.form = Mxfp4(*gu, j, range(0, 2 * I, 2), (0, H // GROUP), transposed=False)
+        e.up.form = Mxfp4(*gu, j, range(1, 2 * I, 2), (0, H // GROUP), transposed=False)
+        e.down.form = Mxfp4(*dn, j, range(H), (0, I // GROUP), transposed=False)
+
+
 def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
     """The weightless canonical model of `config` (a wrapper config reads its text_config)."""
     text = nesting.unwrap_config(config)[0] if nesting.text_config_of(config) else config
@@ -124,7 +142,10 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
             router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H), "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias else None})
             shared = swiglu(spec.shared_width) if spec.shared_width else None
             gate = t(1, H) if shared is not None and layout.shared_gate_key else None
-            ffn = MoE(router, [swiglu(spec.expert_width) for _ in range(spec.num_experts)], shared, gate, spec.act)
+            experts = [swiglu(spec.expert_width) for _ in range(spec.num_experts)]
+            if quant and quant.get("quant_method") == "mxfp4":  # the release's fused MXFP4 experts (gpt-oss)
+                mxfp4_forms(experts, spec.expert_width, H)
+            ffn = MoE(router, experts, shared, gate, spec.act)
         else:
             ffn = swiglu(int(text[layout.dense_width_key]))
         layers.append(Layer(i, attn, ffn))

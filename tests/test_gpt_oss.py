@@ -148,14 +148,37 @@ def test_mxfp4_decoded_as_transformers_does(mx):
     assert torch.equal(ours.down.load(), down.T)
 
 
-def test_mxfp4_runtime_and_surgery(mx, ids, tmp_path):
+def raw(path: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor, as stored (MXFP4 blocks and scales included)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})
+    return out
+
+
+def test_mxfp4_same_layout_convert_is_byte_identical(mx, tmp_path):
+    assert convert(mx, tmp_path / "out", "gpt_oss")["exact"]
+    a, b = raw(mx), raw(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+
+
+def test_mxfp4_runtime_and_finer_experts_stay_mxfp4(mx, ids, tmp_path):
+    """Halves of 64 inputs are whole groups of 32: the finer experts keep the source's bytes; the x2 folded into
+    down_proj goes into its E8M0 scales (+1)."""
     ref = gpt_oss_logits(mx, ids)
     assert rel_err(Runtime(open_model(mx).model).forward(ids), ref) < 1e-5
     report = split_experts(mx, tmp_path / "fine", granularity=2)
-    assert report["verdict"] == "exact" and any("MXFP4" in n and "bf16" in n for n in report["notes"])
-    cfg = json.loads((tmp_path / "fine" / "config.json").read_text())
-    assert "quantization_config" not in cfg
+    assert report["verdict"] == "exact" and any(n.startswith("written as MXFP4") for n in report["notes"])
     assert rel_err(gpt_oss_logits(tmp_path / "fine", ids), ref) < 1e-5
+    a, b = raw(mx), raw(tmp_path / "fine")
+    key = "model.layers.0.mlp.experts."
+    assert torch.equal(b[key + "gate_up_proj_blocks"][0], a[key + "gate_up_proj_blocks"][0][:64])  # gate/up pairs of neurons 0..31
+    assert torch.equal(b[key + "down_proj_blocks"][1], a[key + "down_proj_blocks"][0][:, 1:2])  # expert 0's second half of inputs
+    assert torch.equal(b[key + "down_proj_scales"][1].int(), a[key + "down_proj_scales"][0][:, 1:2].int() + 1)
 
 
 def test_mxfp4_tensors_without_their_config_are_refused(mx, tmp_path):

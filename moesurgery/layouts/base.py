@@ -464,6 +464,10 @@ class Layout:
             else:
                 gate_up = stack([join(e.gate, e.up) for e in moe.experts])  # [E, 2I, H]
                 down = stack([e.down for e in moe.experts])  # [E, H, I]
+            from ..mxfp4 import fused_form  # a fused tensor whose experts all keep their MXFP4 form is written in it
+
+            gate_up.form = fused_form([[e.gate, e.up] if self.gate_up_interleaved else [cat([e.gate, e.up])] for e in moe.experts])
+            down.form = fused_form([[e.down] for e in moe.experts])
             out += [PlannedTensor(prefix + self.fused_keys[0], gate_up), PlannedTensor(prefix + self.fused_keys[1], down)]
             if self.expert_bias_suffix:
                 H, I, dtype = moe.experts[0].down.shape[0], moe.expert_width, moe.experts[0].gate.dtype
