@@ -10,7 +10,7 @@ coactivation partition + fitted router, layer 0 dense, 2 shared + top-6 of 14 ro
 (coarse: 14 -> 10 / 7; fine: 56 -> 42 / 28), by every method; held-out perplexity (pydoc topics disjoint
 from the calibration text, 8 x 256 tokens) against the unreduced MoE.
 
-    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096]
+    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe coarse fine] [--methods ...]
 
 Targets (issue #13): REAP beats frequency and random at both fractions; merging beats pruning at 50%.
 Rows: prune by reap (REAP's mean), output (REAP summed over tokens), frequency, random; merge (the default:
@@ -48,6 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine"], help="which MoEs to reduce")
+    ap.add_argument("--methods", nargs="+", default=[*METHODS, *MERGES], choices=[*METHODS, *MERGES], help="which rows to run")
     args = ap.parse_args()
     from tests.real_model import smollm2_checkpoint
 
@@ -66,9 +68,11 @@ def main() -> None:
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
         for name, path, E, k in (("coarse", coarse, 14, 6), ("fine", fine, 56, 24)):
+            if name not in args.moe:
+                continue
             for share in (0.25, 0.5):
                 keep = max(k, E - round(share * E))
-                for method in (*METHODS, *MERGES):
+                for method in args.methods:
                     out = tmp / f"{name}-{share}-{method}"
                     t = time.time()
                     if method in MERGES:

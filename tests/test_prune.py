@@ -137,7 +137,8 @@ def test_select_merge_of_identical_experts_keeps_each_neuron_once():
     e = SwiGLU(*(Lazy.of(torch.randn(*s, generator=g, dtype=torch.float64)) for s in ((I, H), (I, H), (H, I))))
     moe = MoE(Router(Lazy.of(torch.randn(2, H, generator=g, dtype=torch.float64)), 1), [e, e])
     X = torch.randn(256, H, generator=g, dtype=torch.float64)
-    merged, err = select_neurons(moe, [0, 1], X, X @ moe.router.weight.load().T, ridge=1e-9)
+    q = (X @ moe.router.weight.load().T).softmax(-1)  # [T, 2] the members' weights; all of it goes to the merged expert
+    merged, err = select_neurons(moe, [0, 1], X, q, q.sum(-1), ridge=1e-9)
     assert err < 1e-6
     torch.testing.assert_close(merged.gate.load(), e.gate.load())
 

@@ -165,22 +165,24 @@ def _ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float, intercept: bool, 
     if weights is not None:
         X, Y = X * weights.sqrt()[:, None], Y * weights.sqrt()[:, None]
     A = X.T @ X
-    reg = torch.full((A.shape[0],), ridge * float(A.diagonal().mean()), dtype=A.dtype)
+    reg = torch.full((A.shape[0],), ridge * float(A.diagonal().mean()) + 1e-12, dtype=A.dtype)
     if intercept:
         reg[-1] = 0
     sol = torch.linalg.solve(A + torch.diag(reg), X.T @ Y).T  # [out, in(+1)]
     return (sol[:, :-1], sol[:, -1]) if intercept else (sol, None)
 
 
-def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, logits: torch.Tensor, ridge: float) -> tuple[SwiGLU, float]:
+def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ridge: float) -> tuple[SwiGLU, float]:
     """One expert of the members' width from their neurons: the union holds every member's neurons; the ones that
-    carry most of the cluster's routed output on X [T, H] are kept (each once), and down_proj (and its bias, where
-    the experts have one) is refitted by weighted least squares to the members' output mixed by their routing
-    probabilities, token by token. Works whether or not the members' neurons correspond (experts split from one
-    dense FFN share none)."""
-    probs = logits.softmax(-1) if moe.router.scoring == "softmax" else logits.sigmoid()  # [T, E]
-    q = probs[:, members]  # [T, m]
-    s = q.sum(-1).clamp(min=1e-12)  # [T] the cluster's routing mass per token
+    carry most of the cluster's output on X [T, H] are kept (each once), and down_proj (and its bias, where the
+    experts have one) is refitted by least squares so that s(t) * merged(x_t) matches sum_i q_i(t) member_i(x_t):
+    q [T, m] the members' weights per token, s [T] the merged expert's (0 where it is not chosen; every error
+    counts times s). Works whether or not the members' neurons correspond (experts split from one dense FFN
+    share none)."""
+    on = s > 0
+    if int(on.sum()) == 0:  # no token will reach it: the members' most used expert, as it is
+        return moe.experts[members[int(q.sum(0).argmax())]], 0.0
+    X, q, s = X[on], q[on], s[on]
     acts, downs, owner = [], [], []
     want = torch.zeros(X.shape[0], X.shape[1], dtype=torch.float64)
     for i, e in enumerate(members):
@@ -193,14 +195,14 @@ def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, logits: torch.
         owner.append(torch.full((a.shape[1],), i))
     A, D, owner = torch.cat(acts, 1), torch.cat(downs, 1), torch.cat(owner)  # [T, mI], [H, mI], [mI]
     share = (q / s[:, None])[:, owner]  # [T, mI] each neuron's weight in the mixture
-    importance = ((A * share).pow(2) * s[:, None]).sum(0).sqrt() * D.norm(dim=0)  # [mI]
+    importance = ((A * share).pow(2) * s.pow(2)[:, None]).sum(0).sqrt() * D.norm(dim=0)  # [mI]
     I = moe.expert_width
     rows = torch.cat([torch.cat([moe.experts[e].gate.load(), moe.experts[e].up.load()], 1) for e in members])
     keep = distinct_top(importance, rows, I)
     biased = moe.experts[members[0]].biased
-    d_new, b_new = _ridge_fit(A[:, keep], want, ridge, intercept=biased, weights=s)
+    d_new, b_new = _ridge_fit(A[:, keep], want, ridge, intercept=biased, weights=s.pow(2))
     fit = F.linear(A[:, keep], d_new, b_new)
-    err = float(((fit - want) * s.sqrt()[:, None]).norm() / (want * s.sqrt()[:, None]).norm().clamp(min=1e-30))
+    err = float(((fit - want) * s[:, None]).norm() / (want * s[:, None]).norm().clamp(min=1e-30))
     offsets = [0]
     for e in members:
         offsets.append(offsets[-1] + moe.experts[e].width)
@@ -236,7 +238,19 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
     logits = F.linear(X, W, lb)  # [T, E]
     rows, row_biases, experts, members_of = [], [], [], []
     errors = []
-    for members in clusters:
+    routed_before = routed_after = None
+    if method == "select":  # who gets which weight, before and (router="centre") after the merge
+        from ..runtime.moe import route
+
+        E, T = W.shape[0], X.shape[0]
+        sel = r.bias.load().float() if r.bias is not None else None
+        idx, w = route(X.float(), r, W.float(), sel, lb.float() if lb is not None else None)
+        routed_before = torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, w.double())  # [T, E]
+        if router == "centre":
+            cs = [m[int(freq[m].argmax())] for m in clusters]
+            idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None)
+            routed_after = torch.zeros(T, len(cs), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
+    for c, members in enumerate(clusters):
         p = freq[members].double()
         p = p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1 / len(members))
         members_of.append(members)
@@ -259,7 +273,13 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
             rows.append(row[0])
             row_biases.append(row_bias[0] if row_bias is not None else None)
         if method == "select":
-            expert, err = select_neurons(moe, members, X, logits, ridge)
+            if routed_after is not None:  # the members' routed output, on the tokens the merged expert will get
+                q, s = routed_before[:, members], routed_after[:, c]
+            else:  # the members' routing probabilities; the cluster's mass goes to the merged expert (fitted row)
+                probs = logits.softmax(-1) if r.scoring == "softmax" else logits.sigmoid()
+                q = probs[:, members]
+                s = q.sum(-1)
+            expert, err = select_neurons(moe, members, X, q, s, ridge)
             experts.append(expert)
             errors.append(err)
             continue
