@@ -200,6 +200,7 @@ class Model:
     quantization: dict | None = None  # the source's block-scaled fp8 quantization_config (weights read dequantized)
     wrapper: "object | None" = None  # nesting.Wrapper: the multimodal model around this language model, if any
     experts_stored: str = "per_expert"  # how the source stored its experts: per_expert | fused (layouts that write "as_read")
+    native: "object | None" = None  # native.NativeForm: the source was in Mistral's format (written back in it by default)
 
     def moe_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]

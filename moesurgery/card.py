@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .units import human_bytes, human_count
+from .units import human_count
 
 
 def source_license(source_dir: Path | None) -> str | None:

@@ -186,6 +186,7 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and print the output; write nothing."),
     serve_tp: int = typer.Option(1, "--serve-tp", help="Tensor-parallel size it will be served with (serving limits are checked against it)."),
     serve_ep: int = typer.Option(1, "--serve-ep", help="Expert-parallel size it will be served with."),
+    fmt: str = typer.Option("auto", "--format", help="Checkpoint format: auto (the source's: Mistral's params.json + consolidated*.safetensors stays so where the layout has it), hf (transformers'), native (Mistral's; mistral, mixtral, mistral4)."),
     json_out: bool = JsonOpt,
 ):
     """Change a checkpoint's layout without surgery (exact where the math allows)."""
@@ -194,7 +195,7 @@ def convert(
     _check_serve(serve_tp, serve_ep)
     report = run_convert(
         source, output, to, allow_lossy=allow_lossy, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-        dry_run=dry_run, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep,
+        dry_run=dry_run, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt),
     )
     if json_out:
         return emit_json(report)
@@ -234,8 +235,15 @@ CommonSurgery = dict(
     max_shard_size=typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
     seed=typer.Option(None, "--seed", help="Seed for router init / random partitions."),
     recipe=typer.Option(None, "--recipe", help="A recipe name (recipes/NAME.toml) or TOML file; flags override it."),
+    fmt=typer.Option("auto", "--format", help="Checkpoint format: auto (the source's), hf (transformers'), native (Mistral's params.json + consolidated*.safetensors)."),
     json_out=JsonOpt,
 )
+
+
+def _format(fmt: str) -> str:
+    if fmt not in ("auto", "hf", "native"):
+        raise UsageError(f"--format {fmt}: expected auto, hf or native")
+    return fmt
 
 
 def _check_serve(tp: int, ep: int) -> None:
@@ -273,7 +281,7 @@ def split_experts(
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
-    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], fmt: str = CommonSurgery["fmt"],
 ):
     """Fine-grained experts: split each expert of an MoE (exact), or a dense FFN into routed + shared experts."""
     from .operations import split_experts as run
@@ -292,7 +300,7 @@ def split_experts(
     _check_serve(serve_tp, serve_ep)
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
                  max_shard_size=parse_size(max_shard_size), command=command_line(), device=device,
-                 recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep,
+                 recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt),
                  calibration_name=None if calibration_name is None else ("pydoc (built-in Python documentation)" if calibration_name == "pydoc" else Path(calibration_name).name),
                  **o)
     emit_json(report) if json_out else print_surgery(report)
@@ -316,7 +324,7 @@ def upcycle(
     to: Optional[str] = CommonSurgery["to"], allow_lossy: bool = CommonSurgery["allow_lossy"], dry_run: bool = CommonSurgery["dry_run"],
     overwrite: bool = CommonSurgery["overwrite"], max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"],
     recipe: Optional[str] = CommonSurgery["recipe"], json_out: bool = CommonSurgery["json_out"],
-    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], fmt: str = CommonSurgery["fmt"],
 ):
     """Upcycle: dense -> MoE exact at init (virtual groups + shared experts); Mixtral -> DeepSeek-style; several
     fine-tuned donors of one base -> an MoE of their FFNs (--donor)."""
@@ -334,7 +342,7 @@ def upcycle(
         report = upcycle_donors(source, output, donors=list(donor) if donor else recipe_donors, prompts=texts, granularity=g,
                                 top_k=top_k if top_k is not None else options.get("top_k"), shared=shared if shared is not None else options.get("shared", 0),
                                 shared_from=shared_from, router=donor_router, to=to or options.get("to"), dry_run=dry_run, overwrite=overwrite,
-                                max_shard_size=parse_size(max_shard_size), seed=seed or 0, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep)
+                                max_shard_size=parse_size(max_shard_size), seed=seed or 0, command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt))
         return emit_json(report) if json_out else print_donors(report)
     if prompts or donor_router is not None:
         raise UsageError("--prompts and --router go with --donor")
@@ -349,7 +357,7 @@ def upcycle(
         raise UsageError("upcycle needs --granularity (or a --recipe that sets it)")
     _check_serve(serve_tp, serve_ep)
     report = run(source, output, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-                 command=command_line(), recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep, **o)
+                 command=command_line(), recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt), **o)
     emit_json(report) if json_out else print_surgery(report)
 
 
@@ -395,7 +403,7 @@ def prune_experts(
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
     to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
     max_shard_size: str = CommonSurgery["max_shard_size"], seed: Optional[int] = CommonSurgery["seed"], json_out: bool = CommonSurgery["json_out"],
-    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], recipe: Optional[str] = CommonSurgery["recipe"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], fmt: str = CommonSurgery["fmt"], recipe: Optional[str] = CommonSurgery["recipe"],
 ):
     """Make an MoE smaller: drop the least salient experts of every layer (by routed output by default), router kept consistent."""
     from .operations import prune_experts as run
@@ -410,7 +418,7 @@ def prune_experts(
     report = run(source, output, calibration_text=_calibration(calibration),
                  calibration_name=_cal_name(calibration), calibration_tokens=calibration_tokens, per_layer=per_layer, eval_text=_eval_text(text),
                  dry_run=dry_run, overwrite=overwrite, seed=seed or 0, max_shard_size=parse_size(max_shard_size), command=command_line(),
-                 serve_tp=serve_tp, serve_ep=serve_ep, recipe_model=load_model_config(recipe) if recipe else None, **o)
+                 serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt), recipe_model=load_model_config(recipe) if recipe else None, **o)
     emit_json(report) if json_out else print_reduction(report)
 
 
@@ -426,7 +434,7 @@ def merge_experts(
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
     to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
     max_shard_size: str = CommonSurgery["max_shard_size"], json_out: bool = CommonSurgery["json_out"],
-    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"],
+    serve_tp: int = CommonSurgery["serve_tp"], serve_ep: int = CommonSurgery["serve_ep"], fmt: str = CommonSurgery["fmt"],
 ):
     """Make an MoE smaller: group experts by their outputs and merge each group into one, layer after layer."""
     from .operations import merge_experts as run
@@ -436,7 +444,7 @@ def merge_experts(
         raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
     report = run(source, output, into=into, method=method, grouping=grouping, calibration_text=_calibration(calibration), calibration_name=_cal_name(calibration),
                  calibration_tokens=calibration_tokens, eval_text=_eval_text(text), to=to, dry_run=dry_run, overwrite=overwrite,
-                 max_shard_size=parse_size(max_shard_size), command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep)
+                 max_shard_size=parse_size(max_shard_size), command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt))
     emit_json(report) if json_out else print_reduction(report)
 
 

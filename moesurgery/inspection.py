@@ -77,6 +77,8 @@ def inspect_model(spec) -> dict:
         "layers": [layer_report(l) for l in model.layers],
         "extra_tensors": sorted(model.extras),
         "wrapper": wrapper_report(model.wrapper),
+        "format": "mistral" if model.native is not None else "transformers",  # mistral: params.json + consolidated*.safetensors
+        "native_passthrough_tensors": len(model.native.passthrough) if model.native is not None else 0,
         "notes": opened.notes,
     }
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fp8, int4, mxfp4, nesting
+from . import fp8, int4, mxfp4, native, nesting
 from .canonical import Model
 from .errors import BadInputError
 from .layouts import Layout, layout_for_config
@@ -49,6 +49,8 @@ def resolve(spec: str | Path) -> ResolvedSource:
 
 def open_model(spec: str | Path) -> Opened:
     source = resolve(spec)
+    if native.is_native(source.path):
+        return _open_native(source)
     cfg = read_config(source.path)
     notes = []
     wrapper_cfg, moved = None, ()
@@ -92,7 +94,57 @@ def open_model(spec: str | Path) -> Opened:
     return Opened(source, reader, cfg, layout, model, notes)
 
 
-def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
+def _open_native(source: ResolvedSource) -> Opened:
+    """A checkpoint in Mistral's format (params.json + consolidated*.safetensors), read as the transformers layout
+    computing the same function."""
+    params = native.read_params(source.path)
+    cfg = native.hf_config(params)
+    quantization = params.get("quantization") or None
+    notes = [f"Mistral's format (params.json, consolidated*.safetensors): read as {cfg['model_type']}"]
+    if quantization:
+        if not isinstance(quantization, dict) or quantization.get("qformat_weight") != "fp8_e4m3":
+            raise BadInputError(f"params.json: quantization {quantization!r} is not supported (only Mistral's per-tensor fp8_e4m3)")
+        notes.append("per-tensor FP8 weights (qscale_weight) read dequantized to bf16; static activation scales (qscale_act) dropped")
+    layout = layout_for_config(cfg)
+    reader = CheckpointReader(source.path, stem=native.STEM, fp8_per_tensor=bool(quantization))
+    stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
+    if stray is not None:
+        raise BadInputError(f"tensor {stray} is float8 but params.json has no quantization")
+    view, form = native.open_native(reader, cfg, params)
+    if form.passthrough:
+        notes.append(f"{len(form.passthrough)} tensors of the vision encoder carried as stored")
+    try:
+        model = replace(layout.read(cfg, view), native=form)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInputError(f"params.json: cannot read a {layout.name} model ({e.__class__.__name__}: {e})") from e
+    return Opened(source, reader, cfg, layout, model, notes)
+
+
+def output_format(model: Model, layout: Layout, fmt: str = "auto") -> str:
+    """'native' (Mistral's format) or 'hf' for writing `model` in `layout`: auto keeps the form read where the layout has it."""
+    if fmt == "hf":
+        return "hf"
+    can = layout.name in native.LAYOUTS
+    if fmt == "native":
+        if not can:
+            raise BadInputError(f"--format native: Mistral's format holds {', '.join(native.LAYOUTS)} models, not {layout.name}")
+        return "native"
+    return "native" if model.native is not None and can else "hf"
+
+
+def output_tensors(model: Model, layout: Layout, fmt: str = "auto") -> tuple[dict, list, list[str]]:
+    if output_format(model, layout, fmt) == "native":
+        config = layout.write_config(model)
+        form = model.native or native.NativeForm({})
+        tensors = form.tensors(layout.tensors(model, fused=False), config)
+        return native.params_of(config, form.params), tensors, ["written in Mistral's format (params.json, consolidated*.safetensors)"]
+    if model.native is not None and model.native.passthrough:
+        raise BadInputError(f"the vision encoder of a Mistral-format checkpoint ({len(model.native.passthrough)} tensors) is written only in "
+                            "Mistral's format: leave --format at auto (or native)")
+    return _hf_tensors(model, layout)
+
+
+def _hf_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
     """(config, planned tensors, notes) of `model` written in `layout`: quantized again (FP8, INT4) where
     the source was and every weight the format quantizes kept its stored form, else plain; inside the
     source's multimodal wrapper if it had one."""
@@ -130,10 +182,15 @@ def output_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]
     return config, tensors, notes
 
 
-def plan_output(model: Model, layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> tuple[dict, list[Shard], list[str]]:
+def _files(model: Model, layout: Layout, fmt: str) -> tuple[str, str]:
+    """(config file, shard stem) of the output."""
+    return (native.PARAMS, native.STEM) if output_format(model, layout, fmt) == "native" else ("config.json", "model")
+
+
+def plan_output(model: Model, layout: Layout, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fmt: str = "auto") -> tuple[dict, list[Shard], list[str]]:
     """(config, shards, notes) of `model` written in `layout`: the whole output, planned, nothing read."""
-    config, tensors, notes = output_tensors(model, layout)
-    return config, plan_shards(tensors, max_shard_size), notes
+    config, tensors, notes = output_tensors(model, layout, fmt)
+    return config, plan_shards(tensors, max_shard_size, _files(model, layout, fmt)[1]), notes
 
 
 def save_model(
@@ -146,8 +203,10 @@ def save_model(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     finish=None,
+    fmt: str = "auto",
 ) -> list[Shard]:
-    config, tensors, _ = output_tensors(model, layout)
+    config, tensors, _ = output_tensors(model, layout, fmt)
+    config_name, stem = _files(model, layout, fmt)
     return write_checkpoint(
         Path(output),
         tensors,
@@ -158,4 +217,6 @@ def save_model(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         finish=finish,
+        config_name=config_name,
+        stem=stem,
     )

@@ -92,7 +92,7 @@ def mean_of_experts(moe: MoE) -> SwiGLU:
 def _finish(
     opened: Opened, model: Model, target: Layout, output, *, operation: str, surgery_lossy: list[str], measured: list[dict],
     allow_lossy: bool, dry_run: bool, overwrite: bool, max_shard_size: int, command: str, expect_exact: bool,
-    check_inputs: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, calibration: dict | None = None,
+    check_inputs: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto", calibration: dict | None = None,
 ) -> dict:
     """Express in the target, plan, write, check; the report of every surgery command."""
     mtp = [k for k in model.extras if k.startswith("model.layers.")]
@@ -103,7 +103,7 @@ def _finish(
         result.notes.append(f"{len(mtp)} tensors of multi-token-prediction layers dropped (num_nextn_predict_layers = 0)")
     if result.lossy and not allow_lossy:
         raise BadInputError(f"{target.name} cannot express the result exactly: {'; '.join(result.lossy)} (pass --allow-lossy, or choose another --to)")
-    config, shards, output_notes = plan_output(result.model, target, max_shard_size)
+    config, shards, output_notes = plan_output(result.model, target, max_shard_size, fmt)
     total, active = model_params(result.model)
     src_total, src_active = model_params(opened.model)
     moe = result.model.moe_layers()
@@ -135,7 +135,8 @@ def _finish(
         "notes": opened.notes + result.notes + output_notes,
         "source_experts": f"{len(src_first.experts)} x {src_first.expert_width}, top-{src_first.router.top_k}" if src_first else None,
         "source_shared_width": src_first.shared_width if src_first else 0,
-        "serving": serving_warnings(result.model, target, any(n.startswith("written as") for n in output_notes), serve_tp, serve_ep),
+        "serving": serving_warnings(result.model, target, any(n.startswith("written as") for n in output_notes), serve_tp, serve_ep,
+                                   native=any(n.startswith("written in Mistral's format") for n in output_notes)),
     }
     if measured:
         report["measured"] = measured
@@ -155,7 +156,7 @@ def _finish(
                                         repo_id=opened.source.repo_id, config=config)}
 
     save_model(result.model, target, Path(output), source=opened.source, command=command, max_shard_size=max_shard_size,
-               overwrite=overwrite, finish=check)
+               overwrite=overwrite, finish=check, fmt=fmt)
     return report
 
 
@@ -175,6 +176,10 @@ def check_recipe_model(recipe_model: dict | None, opened: Opened) -> None:
     if not recipe_model:
         return
     cfg = opened.config
+    if "dim" in recipe_model and "n_layers" in recipe_model:  # written for a checkpoint in Mistral's format: its params.json
+        from .native import hf_config
+
+        recipe_model = hf_config(recipe_model)
     wrapper = opened.model.wrapper
     if wrapper is not None and wrapper.multimodal:  # a wrapper recipe: its model_type against the wrapper, its text_config against the language model
         if recipe_model.get("model_type", wrapper.model_type) != wrapper.model_type:
@@ -194,7 +199,7 @@ def split_experts(
     method: str | None = None, router: str | None = None, calibration_text: str | None = None, calibration_tokens: int = 4096,
     first_k_dense: int = 0, to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery split-experts", sequential: bool = False,
-    device: str = "cpu", recipe_model: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, calibration_name: str | None = None,
+    device: str = "cpu", recipe_model: dict | None = None, serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto", calibration_name: str | None = None,
 ) -> dict:
     """MoE source + granularity: m-times finer experts (exact). Dense source + experts/top_k:
     training-free split into routed (+ shared) experts (lossy, measured). `sequential`: calibrate
@@ -230,7 +235,7 @@ def split_experts(
             raise BadInputError(f"finer experts of {model.family} are not exact: {'; '.join(lossy)} ({r.n_group} expert groups, "
                                 f"{r.topk_group} kept per token: n_group / topk_group); pass --allow-lossy to split anyway")
         return _finish(opened, model.with_layers(layers), target, output, operation="finer-experts", surgery_lossy=lossy, measured=[],
-                       allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep)
+                       allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt)
 
     if experts is None or top_k is None:
         raise UsageError("a dense source is split with --experts N --top-k K [--shared S]")
@@ -248,7 +253,7 @@ def split_experts(
         # plan with placeholder routing (nothing is read): shapes only
         layers = [layer if layer.index < first_k_dense else replace(layer, ffn=_plan_moefy(layer.ffn, spec)) for layer in model.layers]
         return _weight_only_hint(calibration_text, _finish(opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)],
-                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep), spec)
+                       measured=[], allow_lossy=allow_lossy, dry_run=True, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt), spec)
     inputs, calibration = None, None
     if calibration_text is not None:
         from .calibration import chunk, ffn_inputs, tokenize
@@ -280,7 +285,7 @@ def split_experts(
     return _weight_only_hint(calibration_text, _finish(
         opened, model.with_layers(layers), target, output, operation="moefy", surgery_lossy=[_moefy_reason(spec)], measured=measured,
         allow_lossy=allow_lossy, dry_run=False, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=False,
-        check_inputs=check_inputs or None, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration), spec)
+        check_inputs=check_inputs or None, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt, calibration=calibration), spec)
 
 
 def _weight_only_hint(calibration_text: str | None, report: dict, spec: MoefySpec | None = None) -> dict:
@@ -315,7 +320,7 @@ def upcycle(
     first_k_dense: int = 0, router_noise: float = 0.0, reinit_fraction: float = 0.0, shared_match: float = 1.0,
     to: str | None = None, allow_lossy: bool = False, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle", recipe_model: dict | None = None,
-    serve_tp: int = 1, serve_ep: int = 1,
+    serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto",
 ) -> dict:
     """Dense source: MoE exact at init with virtual groups (+ shared experts). MoE source (Mixtral):
     DeepSeek-style: `shared` fine-grained experts extracted from what experts share, the rest split
@@ -381,7 +386,7 @@ def upcycle(
             layers.append(replace(layer, ffn=ffn))
         operation = "dense-upcycle"
     return _finish(opened, model.with_layers(layers), target, output, operation=operation, surgery_lossy=lossy, measured=measured,
-                   allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep)
+                   allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command, expect_exact=True, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt)
 
 
 # ---------------------------------------------------------------------------------------- pruning / merging
@@ -428,7 +433,7 @@ def prune_experts(
     source, output, *, keep: int | None = None, fraction: float | None = None, method: str = "output", calibration_text: str | None = None,
     calibration_name: str | None = None, calibration_tokens: int = 4096, per_layer: bool = True, eval_text: str | None = None,
     to: str | None = None, allow_lossy: bool = True, dry_run: bool = False, overwrite: bool = False, seed: int = 0,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery prune-experts", serve_tp: int = 1, serve_ep: int = 1,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery prune-experts", serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto",
     recipe_model: dict | None = None,
 ) -> dict:
     """Drop the least salient experts of every MoE layer (the same number per layer: layouts hold one expert
@@ -480,7 +485,7 @@ def prune_experts(
     check_inputs = {i: s[1][:64] for i, s in stats.items() if i in pick_layers_of(model)} or None
     report = _finish(opened, model.with_layers(layers), target, output, operation="prune-experts", surgery_lossy=lossy, measured=[],
                      allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
-                     expect_exact=proven, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration)
+                     expect_exact=proven, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt, calibration=calibration)
     report.update(method=method, kept={str(i): v for i, v in kept.items()}, removed_per_layer=E - keep)
     if stats:
         report["removed_share"] = {key: _removed_share(stats, kept, key) for key in ("counts", "mass", "reap")}
@@ -506,7 +511,7 @@ def _removed_share(stats: dict, kept: dict, key: str) -> float:
 def merge_experts(
     source, output, *, into: int, method: str = "select", grouping: str = "dominant", calibration_text: str | None = None, calibration_name: str | None = None,
     calibration_tokens: int = 4096, eval_text: str | None = None, to: str | None = None, dry_run: bool = False, overwrite: bool = False,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto",
 ) -> dict:
     """Cluster each MoE layer's experts by their outputs on calibration hidden states (HC-SMoE), merge each cluster
     into one expert (`select`: the union's strongest neurons with down_proj refitted; `frequency`: frequency-weighted
@@ -564,7 +569,7 @@ def merge_experts(
     report = _finish(opened, model.with_layers(layers), target, output, operation="merge-experts",
                      surgery_lossy=[f"{E} experts merged into {into} per MoE layer ({MERGE_WHAT[method]}, router rows fitted)"], measured=[],
                      allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
-                     expect_exact=False, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, calibration=calibration)
+                     expect_exact=False, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt, calibration=calibration)
     report.update(method=method, grouping=grouping, clusters={str(i): c for i, c in clusters_of.items()})
     if fit_errors:
         report["aligned_fit_rel_err"] = sum(fit_errors) / len(fit_errors)
@@ -598,7 +603,7 @@ def upcycle_donors(
     base_source, output, *, donors: list, prompts: list | None = None, granularity: int = 1, top_k: int | None = None, shared: int = 0,
     shared_from: str = "base", router: str | None = None, to: str | None = None, allow_lossy: bool = True, dry_run: bool = False,
     overwrite: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, seed: int = 0, command: str = "moesurgery upcycle",
-    serve_tp: int = 1, serve_ep: int = 1, diagnose: bool = True,
+    serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto", diagnose: bool = True,
 ) -> dict:
     """An MoE from BASE and several fine-tuned donors (see surgery/donors.py): attention, embeddings and norms from
     BASE; donor d's FFN as a virtual group of `granularity` experts; `shared` experts from BASE (or the donors' mean);
@@ -666,7 +671,7 @@ def upcycle_donors(
         layers.append(replace(layer, ffn=moe))
     report = _finish(opened, base.with_layers(layers), target, output, operation="donor-upcycle", surgery_lossy=[], measured=per_layer,
                      allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
-                     expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep)
+                     expect_exact=False, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt)
     report["donors"] = [{"source": d.source.name} for d in donor_opened]
     report["router_init"] = router
     if per_layer:

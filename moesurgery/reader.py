@@ -119,8 +119,10 @@ class CheckpointReader:
     int4_group: the group size of a compressed-tensors INT4 checkpoint (int4.group_size(config)): each
     X.weight_packed / weight_scale / weight_shape triple is then read as a bf16 X.weight."""
 
-    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None, mxfp4_on: bool = False):
+    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None, mxfp4_on: bool = False,
+                 stem: str = "model", fp8_per_tensor: bool = False):
         self.directory = Path(directory)
+        self.index_name = f"{stem}.safetensors.index.json"
         self.files: list[Path] = []
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
@@ -131,14 +133,17 @@ class CheckpointReader:
         self.int4: dict[str, tuple[TensorInfo, TensorInfo, TensorInfo]] = {}  # weight key -> (packed, scale, shape) as stored
         self.mxfp4_on = mxfp4_on
         self.mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # fused weight key -> (blocks, scales) as stored
-        index_path = self.directory / INDEX_NAME
-        single = self.directory / SINGLE_NAME
+        self.fp8_per_tensor = fp8_per_tensor  # Mistral's format: float8 X.weight times the scalar X.qscale_weight
+        index_path = self.directory / self.index_name
+        single = self.directory / f"{stem}.safetensors"
         if index_path.exists():
             self._load_index(index_path)
         elif single.exists():
             self._scan([single])
         else:
-            shards = sorted(self.directory.glob("*.safetensors"))
+            shards = sorted(self.directory.glob(f"{stem}*.safetensors" if stem != "model" else "*.safetensors"))
+            if stem == "model" and any(not p.name.startswith("consolidated") for p in shards):
+                shards = [p for p in shards if not p.name.startswith("consolidated")]  # Mistral's duplicate of the same weights
             if not shards:
                 bins = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                     p.name for p in self.directory.glob("*.pt*")
@@ -151,6 +156,7 @@ class CheckpointReader:
                 raise BadInputError(f"{self.directory}: no safetensors weights found")
             self._scan(shards)
         self._pair_fp8()
+        self._pair_fp8_per_tensor()
         self._pair_int4()
         self._pair_mxfp4()
 
@@ -168,20 +174,20 @@ class CheckpointReader:
         for name in files:  # plain names of regular files in this directory, checked before any open
             key = next(k for k, v in weight_map.items() if v == name)
             if not _plain_name(name):
-                raise BadInputError(f"{INDEX_NAME}: shard {name!r} (holding {key}) is not a file name inside the checkpoint")
+                raise BadInputError(f"{self.index_name}: shard {name!r} (holding {key}) is not a file name inside the checkpoint")
             if not (self.directory / name).exists():
-                raise BadInputError(f"{INDEX_NAME}: shard {name} (holding {key}) is missing")
+                raise BadInputError(f"{self.index_name}: shard {name} (holding {key}) is missing")
             _regular_file(self.directory / name)
         self._scan([self.directory / name for name in files])
         for key, name in weight_map.items():
             info = self.tensors.get(key)
             if info is None:
-                raise BadInputError(f"{INDEX_NAME}: {key} is listed in {name} but absent from it")
+                raise BadInputError(f"{self.index_name}: {key} is listed in {name} but absent from it")
             if info.file.name != name:
-                raise BadInputError(f"{INDEX_NAME}: {key} is listed in {name} but stored in {info.file.name}")
+                raise BadInputError(f"{self.index_name}: {key} is listed in {name} but stored in {info.file.name}")
         for key, info in self.tensors.items():
             if key not in weight_map:
-                raise BadInputError(f"{INDEX_NAME}: {key} in {info.file.name} is not listed in the index")
+                raise BadInputError(f"{self.index_name}: {key} in {info.file.name} is not listed in the index")
 
     def _scan(self, files: list[Path]) -> None:
         for path in files:
@@ -225,6 +231,30 @@ class CheckpointReader:
             self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, numel * fp8.DEQUANT_DTYPE.itemsize)
         for scale in self.scales.values():
             del self.tensors[scale.key]
+
+    def _pair_fp8_per_tensor(self) -> None:
+        """Present each float8 X.weight with its scalar X.qscale_weight (Mistral's FP8) as bf16 and hide the scale."""
+        if not self.fp8_per_tensor:
+            return
+        for key, info in list(self.tensors.items()):
+            if info.dtype not in fp8.FP8_DTYPES:
+                continue
+            scale_key = key[: -len("weight")] + "qscale_weight" if key.endswith("weight") else None
+            scale = self.tensors.get(scale_key)
+            if scale is None or (len(info.shape) != 2) or scale.shape not in ((), (1,), (info.shape[0],), (info.shape[0], 1)):
+                raise BadInputError(f"{info.file.name}: tensor {key} is float8 without a per-tensor (or per-row) scale {scale_key}")
+            self.scales[key] = scale
+            self.fp8_data[key] = info
+            self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, info.shape[0] * info.shape[1] * fp8.DEQUANT_DTYPE.itemsize)
+            del self.tensors[scale_key]
+
+    def _dequantize(self, key: str, w8: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
+        if self.fp8_per_tensor:
+            s = self._read_scale(key).float()  # [] / [1]: one scale; [rows] / [rows, 1]: one per row
+            if s.numel() > 1:
+                s = s.reshape(-1, 1)[slice(*rows) if rows is not None else slice(None)]
+            return (w8.float() * s).to(fp8.DEQUANT_DTYPE)
+        return fp8.dequantize(w8, self._read_scale(key), self.fp8_block, rows, cols)
 
     def _pair_int4(self) -> None:
         """Present each INT4 triple X.weight_packed / weight_scale / weight_shape as a bf16 X.weight."""
@@ -335,7 +365,7 @@ class CheckpointReader:
     def get(self, key: str) -> torch.Tensor:
         info = self.info(key)
         if key in self.scales:
-            return fp8.dequantize(self._read(key, info.file), self._read_scale(key), self.fp8_block)
+            return self._dequantize(key, self._read(key, info.file))
         if key in self.int4:
             return self.get_ranges(key, ((0, info.shape[0]),))
         if key in self.mxfp4:
@@ -350,7 +380,7 @@ class CheckpointReader:
             w8 = self._read(key, info.file, sl)
             rows = ranges[0] if ranges else None
             cols = ranges[1] if len(ranges) > 1 else None
-            return fp8.dequantize(w8, self._read_scale(key), self.fp8_block, rows, cols)
+            return self._dequantize(key, w8, rows, cols)
         if key in self.int4:
             return self._int4_ranges(key, ranges)
         if key in self.mxfp4:
@@ -394,7 +424,7 @@ class CheckpointReader:
             p, sc, sh = self.int4[key]
             return int4.Int4(Call(CheckpointReader._stored, self, p), Call(CheckpointReader._stored, self, sc), self.int4_group, sh.dtype, self.tensors[key].shape,
                              (p.dtype, sc.dtype))
-        if key not in self.scales:
+        if key not in self.scales or self.fp8_per_tensor:  # Mistral's per-tensor FP8 is written as bf16
             return None
         data, scale = self.fp8_data[key], self.scales[key]
         return Fp8.stored(Call(CheckpointReader._stored, self, data), Call(CheckpointReader._stored, self, scale), self.fp8_block, data.shape,

@@ -2,7 +2,7 @@
 llama.cpp will refuse or compute differently for this checkpoint, each warning naming the engine
 and the limit. Measured in the serving tier (tests/serving) and BENCHMARKS.md ("serving").
 
-    serving_warnings(model, layout, quantized, tp=1, ep=1) -> [str]
+    serving_warnings(model, layout, quantized, tp=1, ep=1, native=False) -> [str]
 
 `tp` / `ep` (`--serve-tp`, `--serve-ep`): the tensor- and expert-parallel sizes it will be served with.
 """
@@ -21,9 +21,15 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def serving_warnings(model: Model, layout, quantized: bool = False, tp: int = 1, ep: int = 1) -> list[str]:
-    """Warnings for serving `model` written as `layout` with vLLM and llama.cpp."""
+def serving_warnings(model: Model, layout, quantized: bool = False, tp: int = 1, ep: int = 1, native: bool = False) -> list[str]:
+    """Warnings for serving `model` written as `layout` with vLLM and llama.cpp (native: in Mistral's format)."""
     out: list[str] = []
+    if native:
+        out.append("Mistral's format: vLLM reads it (--load-format mistral --config-format mistral --tokenizer-mode mistral); "
+                   "transformers and llama.cpp's converter do not: --format hf writes the transformers checkpoint")
+        if layout.name == "mixtral":
+            out.append("vLLM 0.32: Mixtral in Mistral's format does not load (its params.json reader maps `moe` only with shared "
+                       "experts): write it with --format hf")
     moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
     a = model.arch
     if layout.needs_remote_code:

@@ -154,9 +154,40 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
                  experts_stored=layout.hub_experts)
 
 
+def write_native_skeleton(params: dict, path: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A skeleton in Mistral's format from its params.json: consolidated.safetensors (native names, per-tensor FP8
+    where params.json says so, a placeholder vision encoder where it has one) and params.json."""
+    from . import native
+
+    cfg = native.hf_config(params)
+    model = skeleton(cfg, dtype)
+    tensors = native.NativeForm({}).tensors(layout_for_config(cfg).tensors(model, fused=False), cfg)
+    if params.get("quantization"):  # float8 weights, one scale per tensor
+        out = []
+        for p in tensors:
+            if len(p.tensor.shape) == 2 and not p.name.endswith(("gate.weight", "tok_embeddings.weight", "output.weight")):
+                base = p.name[: -len("weight")]
+                out += [PlannedTensor(p.name, _placeholder(p.tensor.shape, torch.float8_e4m3fn)), PlannedTensor(base + "qscale_weight", _placeholder((), torch.float32)),
+                        PlannedTensor(base + "qscale_act", _placeholder((), torch.float32))]
+            else:
+                out.append(p)
+        tensors = out
+    if params.get("vision_encoder"):
+        tensors.append(PlannedTensor("vision_encoder.patch_conv.weight", _placeholder((params["vision_encoder"].get("hidden_size", 1024), 3, 14, 14), dtype)))
+    header = _header_bytes(tensors, provenance("skeleton", "params"))
+    with open(path / f"{native.STEM}.safetensors", "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(p.nbytes for p in tensors))
+    (path / native.PARAMS).write_text(json.dumps(params, indent=2))
+    return path
+
+
 def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """config.json (or a Mistral params.json: the skeleton is then in Mistral's format) -> a weightless checkpoint at `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if "dim" in config and "n_layers" in config:
+        return write_native_skeleton(config, path, dtype)
     model = skeleton(config, dtype)
     text = nesting.unwrap_config(config)[0] if nesting.text_config_of(config) else config
     tensors = layout_for_config(text).tensors(model)

@@ -1,6 +1,7 @@
 """Resolve a checkpoint spec (a local directory or a Hugging Face repo id) to a local directory.
 
-    ./ckpt, /models/x, ~/x      a local directory holding config.json and *.safetensors
+    ./ckpt, /models/x, ~/x      a local directory holding config.json and *.safetensors (or Mistral's
+                                params.json and consolidated*.safetensors)
     org/name                    the Hub repo at its default branch
     org/name@v1.0, org/name@<sha>, org/name@refs/pr/3
                                 the Hub repo at a branch, tag, commit or PR ref
@@ -32,7 +33,9 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "*.tiktoken",
     "chat_template*",
+    "params.json",  # Mistral's format: when it comes without config.json, its own files are fetched next
 ]
+NATIVE_PATTERNS = ["consolidated*.safetensors", "consolidated.safetensors.index.json", "params.json", "tekken.json"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # `org/name`: the same characters as the Hub allows (alphanumerics, '-', '_', '.'); revision after '@'.
@@ -101,8 +104,8 @@ def _check_checkpoint(path: Path, name: str, repo_files: Sequence[str] = ()) -> 
                 f"{name}: only pickle weights ({pickles[0]}), refused because loading pickle can execute "
                 "arbitrary code; convert the checkpoint to safetensors first"
             )
-    if not (path / "config.json").is_file():
-        raise BadInputError(f"{name}: no config.json in {path} (not a Hugging Face checkpoint directory)")
+    if not (path / "config.json").is_file() and not (path / "params.json").is_file():
+        raise BadInputError(f"{name}: no config.json (nor Mistral's params.json) in {path} (not a Hugging Face checkpoint directory)")
     if not has_weights:
         raise BadInputError(f"{name}: no safetensors weights (*.safetensors) in {path}")
 
@@ -122,6 +125,8 @@ def _fetch(repo_id: str, revision: str | None, name: str) -> ResolvedSource:
     ref = f"{repo_id}@{revision}" if revision else repo_id
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        if (Path(folder) / "params.json").is_file() and not (Path(folder) / "config.json").is_file():  # Mistral's format only
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS + NATIVE_PATTERNS)
     except HFValidationError as e:
         raise UsageError(f"{name!r}: not a valid Hugging Face repo id ({_first_line(e)})") from e
     except LocalEntryNotFoundError as e:  # offline or Hub unreachable, and not (fully) cached

@@ -23,7 +23,7 @@ from . import __version__
 from .errors import UsageError, environment_error
 from .lazy import Lazy
 from .progress import byte_progress
-from .reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from .reader import DTYPE_NAMES
 from .units import parse_size  # noqa: F401 (re-exported)
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -40,6 +40,7 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "tekken.json",  # Mistral's tokenizer (mistral-common)
 )
 SIDE_GLOBS = ("*.tiktoken", "tokenizer*.model")
 
@@ -64,8 +65,9 @@ class Shard:
         return sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: list[PlannedTensor], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> list[Shard]:
-    """Greedy in order: a shard is closed when the next tensor would overflow it."""
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, stem: str = "model") -> list[Shard]:
+    """Greedy in order: a shard is closed when the next tensor would overflow it. Files `stem`.safetensors, or
+    `stem`-00001-of-0000N.safetensors (model: transformers'; consolidated: Mistral's format)."""
     names = sorted(t.name for t in tensors)  # a sorted list is a tenth of a set's memory at 1M names
     dup = next((a for a, b in zip(names, names[1:]) if a == b), None)
     if dup is not None:
@@ -81,8 +83,8 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_size: int = DEFAULT_MAX_
         size += t.nbytes
     n = len(groups)
     if n == 1:
-        return [Shard(SINGLE_NAME, groups[0])]
-    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+        return [Shard(f"{stem}.safetensors", groups[0])]
+    return [Shard(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
 def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
@@ -138,7 +140,8 @@ def write_weights(out_dir: Path, shards: list[Shard], metadata: dict[str, str]) 
             "metadata": {"total_size": total},
             "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
         }
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        stem = shards[0].filename.split("-", 1)[0]
+        (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_side_files(source: Path, out_dir: Path) -> list[str]:
@@ -295,17 +298,19 @@ def write_checkpoint(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
     finish=None,
+    config_name: str = "config.json",
+    stem: str = "model",
 ) -> list[Shard]:
     """Write a whole checkpoint: weights, index, config.json, side files, provenance.
 
     `finish(tmp)`, when given, runs on the complete temporary output before it is renamed into
     place (the surgery's quick check) and returns more files to write {name: text} (the model
     card); if it fails, nothing reaches `output`."""
-    shards = plan_shards(tensors, max_shard_size)
+    shards = plan_shards(tensors, max_shard_size, stem)
     meta = provenance(command, source_name)
     with staged_output(output, source_dir, overwrite) as tmp:
         write_weights(tmp, shards, meta)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if source_dir is not None:
             copy_side_files(source_dir, tmp)
         for name, text in (extra_files or {}).items():

@@ -24,7 +24,7 @@ from moesurgery.operations import split_experts, upcycle
 from moesurgery.reader import CheckpointReader
 from moesurgery.runtime import Runtime
 from moesurgery.verify import verify
-from tests.lineage_fixtures import LINEAGE, MOE_LINEAGE, VOCAB, lineage_logits, make_lineage
+from tests.lineage_fixtures import LINEAGE, VOCAB, lineage_logits, make_lineage
 
 
 def rel_err(a, b):

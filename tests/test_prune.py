@@ -3,7 +3,6 @@ can select is pruned exactly (proven in transformers); bad requests are one-line
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -14,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from moesurgery.canonical import MoE, Router, SwiGLU
 from moesurgery.cli import main
-from moesurgery.errors import BadInputError, UsageError
 from moesurgery.lazy import Lazy
 from moesurgery.model_io import open_model
 from moesurgery.operations import merge_experts, prune_experts

@@ -42,8 +42,15 @@ def test_recipe_dry_runs_on_real_dimensions(name, tmp_path, capsys):
     elif recipe["command"] == "upcycle":
         assert report["expected"] == "exact"
     cfg = recipe["model_config"].get("text_config", recipe["model_config"])  # a wrapper's language model
+    if "dim" in cfg:  # Mistral's params.json
+        from moesurgery.native import hf_config
+
+        cfg = hf_config(cfg)
+        assert (tmp_path / "src" / "params.json").is_file()
     dense = recipe["options"].get("first_k_dense", 0) or cfg.get("first_k_dense_replace", 0)
     assert report["moe_layers"] == cfg["num_hidden_layers"] - dense
+    if "quantization" in recipe["model_config"]:  # Mistral's per-tensor FP8: read dequantized, said so
+        assert any("FP8" in n for n in report["notes"]), report["notes"]
     if "quantization_config" in cfg:  # a quantized source whose surgery stays on the block / group grid
         assert any("written as" in n and "like the source" in n for n in report["notes"]), report["notes"]
     if "text_config" in recipe["model_config"]:

@@ -4,7 +4,6 @@ make outputs load in llama.cpp (a non-zero 1/2 gate, the tied head written out, 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

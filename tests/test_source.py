@@ -266,3 +266,20 @@ def test_malformed_spec(spec, cache):
 
 def test_exit_codes():
     assert BadInputError.exit_code == 3 and UsageError.exit_code == 2
+
+
+def test_mistral_format_repo_fetches_its_own_files(cache, spy, weights):
+    """A repo in Mistral's format only (params.json, consolidated*.safetensors): a second fetch asks for them."""
+    from moesurgery.source import NATIVE_PATTERNS
+
+    add_repo(cache, "mistralai/native", SHA, {"params.json": b'{"dim": 4}', "consolidated.safetensors": weights, "tekken.json": b"{}"})
+    src = resolve_source("mistralai/native")
+    assert (src.path / "consolidated.safetensors").is_file()
+    assert [kw["allow_patterns"] for _, kw in spy] == [ALLOW_PATTERNS, ALLOW_PATTERNS + NATIVE_PATTERNS]
+
+
+def test_repo_with_both_formats_is_read_as_transformers(tmp_path):
+    """Mistral's repos often hold both: the transformers files win, consolidated.safetensors is not read twice."""
+    _tiny_safetensors(tmp_path / "model-00001-of-00001.safetensors")
+    save_file({"tok_embeddings.weight": torch.zeros(2, 4)}, str(tmp_path / "consolidated.safetensors"))
+    assert CheckpointReader(tmp_path).keys() == ["model.embed_tokens.weight"]

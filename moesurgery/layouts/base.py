@@ -427,9 +427,10 @@ class Layout:
     def writes_fused(self, model: Model) -> bool:
         return self.experts_on_disk == "fused" or (self.experts_on_disk == "as_read" and model.experts_stored == "fused")
 
-    def tensors(self, model: Model) -> list[PlannedTensor]:
+    def tensors(self, model: Model, fused: bool | None = None) -> list[PlannedTensor]:
+        """The checkpoint's tensors; experts fused or per expert as the layout writes them (or as `fused` says)."""
         out = [PlannedTensor("model.embed_tokens.weight", model.embed)]
-        fused = self.writes_fused(model)
+        fused = self.writes_fused(model) if fused is None else fused
         for layer in model.layers:
             prefix = f"model.layers.{layer.index}."
             out += [PlannedTensor(prefix + k, v) for k, v in layer.attn.items()]

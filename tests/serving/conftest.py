@@ -67,7 +67,12 @@ def run_vllm(path, prompts: list[list[int]], max_tokens: int = 16, dtype: str = 
     import vllm.envs
     from vllm import LLM, SamplingParams
 
-    env, engine = engine_settings(json.loads((Path(path) / "config.json").read_text()))
+    if (Path(path) / "config.json").exists():
+        env, engine = engine_settings(json.loads((Path(path) / "config.json").read_text()))
+    else:  # Mistral's format: vLLM's own reader of params.json + consolidated*.safetensors
+        params = json.loads((Path(path) / "params.json").read_text())
+        env, engine = engine_settings(params)
+        engine.update(load_format="mistral", config_format="mistral")
     saved = dict(os.environ)
     os.environ.update(env)
     if hasattr(vllm.envs, "disable_envs_cache"):

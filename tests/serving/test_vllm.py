@@ -50,9 +50,10 @@ def lineage_source(root: Path, family: str, **overrides) -> Path:
 @torch.no_grad()
 def run_transformers(path: Path, prompts=PROMPTS, max_tokens: int = 16, dtype=torch.float32) -> dict:
     """transformers (eager): log-prob of every prompt token after the first, greedy continuation (no cache)."""
-    from transformers import AutoModelForCausalLM
+    from tests.lineage_fixtures import _causal_lm_class  # mistral4 is not in AutoModelForCausalLM's map
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
+    cls = _causal_lm_class(json.loads((Path(path) / "config.json").read_text()).get("model_type"))
+    model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation="eager").eval()
     logprobs, greedy = [], []
     for p in prompts:
         ids = torch.tensor([p])
@@ -235,6 +236,32 @@ CASES = {
 def test_vllm_serves_it_as_transformers_computes_it(root, case):
     src, out, exact = CASES[case](root)
     check_served(out, src, exact)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "large3"])
+def test_vllm_serves_mistral_format_outputs(root, kind):
+    """Outputs in Mistral's format (a dense Mistral converted from transformers' checkpoint: q/k rows in Mistral's
+    pair order; Large 3's finer experts): vLLM's `mistral` load format (its own reader of params.json and the
+    native names) computes what transformers computes on the source model. (Mixtral in Mistral's format does not
+    load in vLLM 0.32: its params.json reader maps `moe` only when there are shared experts.)"""
+    from moesurgery.convert import convert
+    from moesurgery.operations import split_experts
+    from tests.mistral_native_fixtures import make_native
+
+    from tests.lineage_fixtures import YARN_L4
+
+    # vLLM's DeepSeek yarn table holds original_max_position_embeddings x factor positions: 4 x 64 (query scaling from 4)
+    shapes = GQA if kind == "mistral" else dict(MLA, rope_parameters=dict(YARN_L4, factor=64.0))
+    native, hf = make_native(kind, root / "mistral-format", **shapes)
+    out = root / f"native-{kind}"
+    if kind == "mistral":
+        assert convert(hf, out, "mistral", fmt="native", overwrite=True)["exact"]
+    else:
+        assert split_experts(native, out, granularity=2, overwrite=True)["verdict"] == "exact"
+    assert (out / "params.json").is_file() and not (out / "config.json").exists()
+    served, ref = run_vllm(out, PROMPTS), run_transformers(hf)
+    assert max_diff(served, ref) <= TOL, f"vLLM (Mistral's format) vs transformers on the source: {max_diff(served, ref):.2e}"
+    assert served["greedy"] == ref["greedy"]
 
 
 def test_block_fp8_in_vllm_cpu(root):
