@@ -56,12 +56,12 @@ def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32, device: str
         positions = torch.arange(ids.shape[1], device=rt.device)
         rope = rt.rope(0, ids.shape[1])
         x = rt.embed(ids)
-        state: dict = {}
+        state: dict = {"ids": ids.to(rt.device)}
         for i in range(len(model.layers)):
             layer = rt.layer(i)
             x, _ = rt.attention(x, layer, positions, rope, state=state)
             h = rt.ffn_input(x, layer)
             replacement = yield i, h.reshape(-1, h.shape[-1]).to("cpu", torch.float32)
             ffn = layer.ffn if replacement is None else load_ffn(replacement, rt.device, dtype)
-            x = x + ffn_forward(h, ffn, "auto")
+            x = rt.ffn_output(x, layer, ffn_forward(h, ffn, "auto", ids=state["ids"]))
             del layer

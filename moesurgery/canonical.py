@@ -41,10 +41,11 @@ class SwiGLU:
 
 @dataclass(frozen=True)
 class Activation:
-    """How an expert combines gate and up: silu(gate) * up, or gpt-oss's clamped form
-    (up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g) with g = gate.clamp(max=limit)."""
+    """How an expert combines gate and up: silu(gate) * up; gpt-oss's clamped form
+    (up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g) with g = gate.clamp(max=limit); or DeepSeek-V4's
+    clamped SwiGLU silu(gate.clamp(max=limit)) * up.clamp(-limit, limit) ("clamped")."""
 
-    kind: Literal["silu", "gpt_oss"] = "silu"
+    kind: Literal["silu", "gpt_oss", "clamped"] = "silu"
     alpha: float = 1.702
     limit: float = 7.0
 
@@ -57,14 +58,15 @@ class Router:
     """Which experts a token goes to and with what weight.
 
     logits = x @ weight.T (+ logit_bias)                   # [T, E]
-    s = softmax(logits) | sigmoid(logits)                  # fp32 unless softmax_in_model_dtype
+    s = softmax(logits) | sigmoid(logits) | sqrt(softplus(logits))   # fp32 unless softmax_in_model_dtype
     chosen = top_k(s + bias), restricted to the best `topk_group` of `n_group` groups
+             | hash_table[token id]                        # hash-routed layers (DeepSeek-V4): by token, not by score
     w = s[chosen] (/ sum if renormalize) * scaling
     """
 
     weight: Lazy  # [E, H]
     top_k: int
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
     renormalize: bool = True
     scaling: float = 1.0
     n_group: int = 1
@@ -75,6 +77,7 @@ class Router:
     logits_in_model_dtype: bool = False  # minimax_m2: sigmoid router logits in the model dtype (sigmoid in fp32)
     logit_bias: Lazy | None = None  # [E] added to the logits (gpt-oss's router is a biased linear): selection and weights
     weight_on_input: bool = False  # Llama 4: an expert computes e(w * x), the weight scaling its input, not its output
+    hash_table: Lazy | None = None  # [V, k] int: DeepSeek-V4's hash layers pick a token's experts by its id (tid2eid)
 
     @property
     def num_experts(self) -> int:
@@ -91,7 +94,8 @@ class MoE:
     experts: list[SwiGLU]
     shared: SwiGLU | None = None  # always-on experts, concatenated along the width
     shared_gate: Lazy | None = None  # [1, H]: output += sigmoid(x @ gate.T) * shared(x)
-    act: Activation = SILU  # the routed experts' activation (shared experts are plain SwiGLU)
+    act: Activation = SILU  # the routed experts' activation
+    shared_act: Activation = SILU  # the shared experts' (DeepSeek-V4 clamps them too)
 
     @property
     def expert_width(self) -> int:
@@ -121,7 +125,7 @@ class Arch:
     rope_scaling: dict | None = None  # legacy HF form: {"rope_type": ..., "factor": ...}
     partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool = False
-    attention: Literal["gqa", "mla", "hybrid"] = "gqa"  # hybrid: Qwen3-Next / 3.5 (Gated DeltaNet + gated attention layers)
+    attention: Literal["gqa", "mla", "hybrid", "dsv4"] = "gqa"  # hybrid: Qwen3-Next / 3.5 (Gated DeltaNet + gated attention layers)
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: Literal[None, "head", "full"] = None
@@ -137,10 +141,18 @@ class Arch:
     attn_temperature: tuple | None = None  # Llama 4 NoPE layers: q *= 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
     attention_chunk: int | None = None  # Llama 4 "chunked_attention" layers: queries see keys of their own chunk only
     sinks: bool = False  # gpt-oss: a learned sink logit per head (self_attn.sinks [h]) in every softmax's denominator
+    dsv4: dict = field(default_factory=dict)  # DeepSeek-V4 (attention "dsv4"): hyper-connections, compressed attention... (layouts/deepseek_v4.py)
     dtype: str = "float32"
     extra: dict = field(default_factory=dict)  # token ids etc. copied to the target config
 
     def describe_attention(self) -> str:
+        if self.attention == "dsv4":
+            d, types = self.dsv4, self.layer_types or []
+            kinds = {t: types.count(t) for t in ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")}
+            return (f"DeepSeek-V4: {self.num_heads} query heads x {self.head_dim} on one shared KV head, sinks, window {self.sliding_window}; "
+                    f"{kinds['sliding_attention']} sliding, {kinds['compressed_sparse_attention']} CSA (/{d['compress_rates'].get('compressed_sparse_attention')}, "
+                    f"indexer top-{d['index_topk']}), {kinds['heavily_compressed_attention']} HCA (/{d['compress_rates'].get('heavily_compressed_attention')}) layers; "
+                    f"{d['hc_mult']} hyper-connection streams")
         if self.attention == "hybrid":
             linear = sum(t == "linear_attention" for t in self.layer_types or [])
             return (f"hybrid: {linear} Gated DeltaNet layers ({self.linear_attn.get('nk')}/{self.linear_attn.get('nv')} heads) + "
@@ -201,6 +213,7 @@ class Model:
     wrapper: "object | None" = None  # nesting.Wrapper: the multimodal model around this language model, if any
     experts_stored: str = "per_expert"  # how the source stored its experts: per_expert | fused (layouts that write "as_read")
     native: "object | None" = None  # native.NativeForm: the source was in Mistral's format (written back in it by default)
+    key_form: "object | None" = None  # keyforms.KeyForm the source's tensors were named in (written back in it, same family)
 
     def moe_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.ffn, MoE)]

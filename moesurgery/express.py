@@ -319,8 +319,9 @@ def express(model: Model, layout: Layout) -> Expressed:
                 if layer.ffn.router.weight_on_input != layout.weight_on_input:
                     have = "routing weights on the experts' input (Llama 4)" if layout.weight_on_input is False else "routing weights on the experts' output"
                     raise BadInputError(f"{model.family} has {have}; {name} weighs the other side: experts cannot be converted")
-                if (layer.ffn.act.kind != "silu" or layer.ffn.experts[0].biased) != (layout.expert_kind == "gpt_oss"):
-                    have = "gpt-oss experts (clamped SwiGLU, biases)" if layout.expert_kind != "gpt_oss" else "SwiGLU experts"
+                kind = "gpt_oss" if layer.ffn.act.kind == "gpt_oss" or layer.ffn.experts[0].biased else "clamped" if layer.ffn.act.kind == "clamped" else "swiglu"
+                if kind != layout.expert_kind:
+                    have = {"gpt_oss": "gpt-oss experts (clamped SwiGLU, biases)", "clamped": "clamped SwiGLU experts (DeepSeek-V4)", "swiglu": "SwiGLU experts"}[kind]
                     raise BadInputError(f"{model.family} has {have}; {name} experts compute another function: experts cannot be converted")
                 layer = replace(layer, ffn=replace(layer.ffn, router=router, experts=experts, shared=shared, shared_gate=gate))
             new_layers.append(layer)

@@ -74,7 +74,10 @@ def open_model(spec: str | Path) -> Opened:
     if stray is not None:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
     view, wrapper = reader, None
-    if wrapper_cfg is not None:
+    form = next((f for f in layout.key_forms if f.matches(reader.keys())), None)  # the family's other names (DeepSeek's own...)
+    if form is not None:
+        view = form.view(reader)
+    elif wrapper_cfg is not None:
         view, wrapper = nesting.open_text(reader, wrapper_cfg, moved)
         cfg["tie_word_embeddings"] = "lm_head.weight" not in view  # the wrapper decides tying; the checkpoint shows it
     elif (prefixed := nesting.open_prefixed(reader)) is not None:  # text-only, saved under a wrapper's prefix
@@ -85,9 +88,12 @@ def open_model(spec: str | Path) -> Opened:
             model = replace(model, quantization=quantization)
         if wrapper is not None:
             model = replace(model, wrapper=wrapper)
+        if form is not None:
+            model = replace(model, key_form=form)
+            notes.append(f"tensors named in the {form.name} form: read as transformers names them, written back in it")
     except (KeyError, TypeError, ValueError) as e:
         raise BadInputError(f"config.json: cannot read a {layout.name} config ({e.__class__.__name__}: {e})") from e
-    if notes:
+    if isinstance(q, dict) and q.get("quant_method") == "gguf":
         non_float = next((k for k in reader.keys() if not reader.info(k).dtype.is_floating_point), None)
         if non_float is not None:
             raise BadInputError(f"config.json says gguf, and tensor {non_float} is {reader.info(non_float).dtype}: quantized GGUF tensors are not supported")
@@ -149,6 +155,8 @@ def _hf_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
     the source was and every weight the format quantizes kept its stored form, else plain; inside the
     source's multimodal wrapper if it had one."""
     config, tensors, notes = layout.write_config(model), layout.tensors(model), []
+    if model.key_form is not None and model.key_form in layout.key_forms:  # the names the source was read in
+        tensors = model.key_form.to_disk(tensors)
     w = model.wrapper
     if w is not None:
         tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors]

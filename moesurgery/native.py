@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
+from .keyforms import rename, table
 from .lazy import Lazy
 
 PARAMS = "params.json"
@@ -77,26 +78,7 @@ RENAMES = (
 )
 ROPE_PERMUTED = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}  # GQA rows in pair order on disk
 
-_NUMBERED = re.compile(r"(?<=layers\.)\d+|(?<=experts\.)\d+")
-
-
-def _generic(name: str) -> tuple[str, list[str]]:
-    """('layers.{}.experts.{}.w1.weight', ['3', '7']): a name's shape and its numbers."""
-    numbers = _NUMBERED.findall(name)
-    return _NUMBERED.sub("{}", name), numbers
-
-
-def _table(a: int, b: int) -> dict[str, str]:
-    return {x[a].replace("{L}", "{}").replace("{E}", "{}"): x[b].replace("{L}", "{}").replace("{E}", "{}") for x in RENAMES}
-
-
-TO_HF, TO_NATIVE = _table(0, 1), _table(1, 0)
-
-
-def rename(name: str, table: dict[str, str]) -> str | None:
-    shape, numbers = _generic(name)
-    target = table.get(shape)
-    return target.format(*numbers) if target is not None else None
+TO_HF, TO_NATIVE = table(RENAMES, 0, 1), table(RENAMES, 1, 0)
 
 
 def is_native(directory: Path) -> bool:

@@ -400,7 +400,7 @@ def _moe_stats(model: Model, calibration_text: str, source_dir, tokens: int, dev
     for i, h in ffn_inputs(model, ids, device=device):
         layer = model.layers[i]
         if isinstance(layer.ffn, MoE):
-            out[i] = (expert_stats(h, layer.ffn), h[:: max(1, len(h) // 256)][:256].clone())
+            out[i] = (expert_stats(h, layer.ffn, ids=ids.reshape(-1)), h[:: max(1, len(h) // 256)][:256].clone())
     return out, {"tokens": int(ids.numel())}
 
 
@@ -553,10 +553,13 @@ def merge_experts(
             ffn = model.layers[i].ffn
             replacement = None
             if isinstance(ffn, MoE):
-                counts = expert_stats(h, ffn)["counts"]
+                flat_ids = ids.reshape(-1)  # h's token ids (hash-routed layers)
+                counts = expert_stats(h, ffn, ids=flat_ids)["counts"]
                 feats = expert_outputs(h[:: max(1, len(h) // 128)][:128], ffn)  # [E, 128, H]
                 clusters = group_experts(feats, into, counts, grouping)
-                replacement, info = merge_moe(ffn, clusters, counts, h, method, router="centre" if grouping == "dominant" else "fit")
+                if ffn.router.hash_table is not None and grouping != "dominant":
+                    raise UsageError("merge-experts of a hash-routed layer (DeepSeek-V4) keeps the centres' router rows: use --grouping dominant")
+                replacement, info = merge_moe(ffn, clusters, counts, h, method, router="centre" if grouping == "dominant" else "fit", ids=flat_ids)
                 merged[i], clusters_of[i] = replacement, clusters
                 fit_errors += info["aligned_rel_err"]
                 samples[i] = h[:: max(1, len(h) // 64)][:64].clone()

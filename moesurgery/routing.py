@@ -26,10 +26,11 @@ TOP_PAIRS = 16  # co-activated pairs reported per layer
 
 
 @torch.no_grad()
-def expert_stats(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """counts, mass, reap [E] and co-activation counts [E, E] of one MoE block on its inputs h [T, H]."""
+def expert_stats(h: torch.Tensor, moe: MoE, dtype=torch.float32, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """counts, mass, reap [E] and co-activation counts [E, E] of one MoE block on its inputs h [T, H]
+    (ids [T]: the token ids, for hash-routed layers)."""
     w = load_ffn(moe, "cpu", dtype)
-    idx, weight = route(h, w.router, w.router_weight, w.bias, w.logit_bias)  # [T, k]
+    idx, weight = route(h, w.router, w.router_weight, w.bias, w.logit_bias, ids, w.hash_table)  # [T, k]
     E, (T, k) = w.num_experts, idx.shape
     counts = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.flatten(), torch.ones(T * k, dtype=torch.float64))
     mass = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.flatten(), weight.flatten().double())
@@ -82,15 +83,15 @@ def routing_statistics(model: Model, ids: torch.Tensor, dtype=torch.float32) -> 
     positions = torch.arange(ids.shape[1])
     rope = rt.rope(0, ids.shape[1])
     x = rt.embed(ids)
-    state: dict = {}
+    state: dict = {"ids": ids}
     out = {}
     for i, layer in enumerate(model.layers):
         loaded = rt.layer(i)
         x, _ = rt.attention(x, loaded, positions, rope, state=state)
         h = rt.ffn_input(x, loaded)
         if isinstance(layer.ffn, MoE):
-            out[i] = layer_summary(expert_stats(h.reshape(-1, h.shape[-1]), layer.ffn, dtype), layer.ffn.router.top_k)
-        x = x + ffn_forward(h, loaded.ffn, "auto")
+            out[i] = layer_summary(expert_stats(h.reshape(-1, h.shape[-1]), layer.ffn, dtype, ids.reshape(-1)), layer.ffn.router.top_k)
+        x = rt.ffn_output(x, loaded, ffn_forward(h, loaded.ffn, "auto", ids=ids))
         del loaded
     return out
 

@@ -225,7 +225,8 @@ def verify(
         c_w = LoadedLayer(i, {k: t.to(c_rt.device, dtype) for k, t in c_raw.items()}, load_ffn(c_layer.ffn, c_rt.device, dtype))
         return list(zip(names, same)), r_w, c_w
 
-    r_states, c_states = [{} for _ in groups], [{} for _ in groups]  # per group of rows: what a layer hands the next
+    r_states = [{"ids": ids[g].to(r_rt.device)} for g in groups]  # per group of rows: what a layer hands the next (and the token ids)
+    c_states = [{"ids": ids[g].to(c_rt.device)} for g in groups]
 
     def in_groups(fn, x, states):
         """fn(rows, state) over groups of batch rows (bounded attention scores), outputs concatenated."""
@@ -254,8 +255,8 @@ def verify(
             in_step = torch.equal(x_c, x_r)  # the candidate's stream still equals the reference's
             x_r = in_groups(lambda x, st: r_rt.attention(x, r_w, positions, r_rope, state=st)[0], x_r, r_states)
             h = r_rt.ffn_input(x_r, r_w)  # the reference's real FFN input, fed to both blocks
-            y_r, idx_r = ffn_forward(h, r_w.ffn, backend, return_routing=True)
-            y_c, idx_c = ffn_forward(h, c_w.ffn, backend, return_routing=True)
+            y_r, idx_r = ffn_forward(h, r_w.ffn, backend, return_routing=True, ids=ids)
+            y_c, idx_c = ffn_forward(h, c_w.ffn, backend, return_routing=True, ids=ids)
             abs_err, rel_err = errors(y_c, y_r)
             layers.append({
                 "index": i,
@@ -266,11 +267,11 @@ def verify(
                 "routing_agreement": routing_agreement(idx_r, idx_c),
             })
             if in_step and attn_untouched:  # same input, same attention: the candidate's layer is x_r + y_c
-                x_c = x_r + y_c
+                x_c = c_rt.ffn_output(x_r, c_w, y_c)
                 c_states = [dict(st) for st in r_states]
             else:
                 x_c = in_groups(lambda x, st: c_rt.decoder_layer(x, c_w, positions, c_rope, state=st)[0], x_c, c_states)
-            x_r = x_r + y_r
+            x_r = r_rt.ffn_output(x_r, r_w, y_r)
             del r_w, c_w
         r_head = None if ref.lm_head is None else ref.lm_head.load()
         c_head = None if cand.lm_head is None else cand.lm_head.load()
@@ -313,8 +314,8 @@ def verify(
 def score_logits(r_rt: Runtime, c_rt: Runtime, x_r: torch.Tensor, x_c: torch.Tensor, r_head, c_head, ids: torch.Tensor) -> dict:
     """Logit errors, top-1 agreement, KL(ref || cand) and both perplexities, CHUNK_LOGITS positions at a time
     (the [B, T, V] logits of a long text are never in memory at once)."""
-    B, T, H = x_r.shape
-    flat_r, flat_c = x_r.reshape(B * T, H), x_c.reshape(B * T, H)
+    B, T = x_r.shape[:2]
+    flat_r, flat_c = x_r.reshape(B * T, *x_r.shape[2:]), x_c.reshape(B * T, *x_c.shape[2:])  # [B*T, H] (or [B*T, streams, H])
     targets = torch.cat([ids[:, 1:], torch.full((B, 1), -100, dtype=ids.dtype)], dim=1).reshape(-1).to(x_r.device)  # [B*T]
     max_diff = max_scale = kl_sum = top1 = nll_r = nll_c = 0.0
     nonfinite = False

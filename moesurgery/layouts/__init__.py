@@ -8,6 +8,7 @@ from . import (
     deepseek_v2,
     deepseek_v3,
     deepseek_v32,
+    deepseek_v4,
     dots1,
     ernie4_5_moe,
     glm4_moe,
@@ -42,6 +43,7 @@ LAYOUTS: dict[str, Layout] = {
         kimi_k2, deepseek_v32, glm_moe_dsa, mistral4, minimax_m2, dots1, hy_v3, solar_open, ernie4_5_moe,  # the 2025-26 lineage
         qwen3_5, qwen3_next, qwen3_5_moe,  # hybrid linear attention
         gpt_oss, llama4,  # 2026's most used outside the DeepSeek template
+        deepseek_v4,  # the newest of the lineage
     )
 }
 ALIASES = {alias: layout for layout in LAYOUTS.values() for alias in layout.aliases}

@@ -158,6 +158,7 @@ class MoESpec:
     shared_width: int
     router: Router  # with a placeholder weight; per layer it is replaced
     act: Activation = SILU  # the routed experts' activation
+    shared_act: Activation = SILU  # the shared experts' (DeepSeek-V4: clamped like the routed ones)
 
 
 class Layout:
@@ -176,10 +177,12 @@ class Layout:
     gate_up_interleaved: bool = False  # fused gate/up alternate along 2I: gate_0, up_0, gate_1... (gpt-oss), not [gate | up]
     expert_bias_suffix: str | None = None  # fused experts with biases: fused_keys[i] + suffix ([E, 2I], [E, H]; gpt-oss "_bias")
     router_bias_key: str | None = None  # a bias of the router's linear, added to its logits (gpt-oss "router.bias")
+    hash_key: str | None = None  # hash-routed layers' token -> experts table (DeepSeek-V4 "gate.tid2eid" [V, k])
+    key_forms: tuple = ()  # keyforms.KeyForm: other names the family's checkpoints circulate in (read, and written back in)
     linear_attn_form: str | None = None  # hybrid layouts: Gated DeltaNet projections "grouped" (Qwen3-Next) or "flat" (Qwen3.5)
     dense_width_key: str = "intermediate_size"  # the config field of the dense layers' width (Llama 4: intermediate_size_mlp)
     weight_on_input: bool = False  # the router's weight scales the expert's input (Llama 4)
-    expert_kind: str = "swiglu"  # swiglu, or gpt_oss (clamped SwiGLU with biases): what the layout's experts compute
+    expert_kind: str = "swiglu"  # swiglu, gpt_oss (clamped SwiGLU with biases) or clamped (DeepSeek-V4): what the layout's experts compute
     hub_experts: str = "per_expert"  # how the family's Hub releases store experts (skeletons mimic it)
     experts_on_disk: str = "per_expert"  # how this layout writes experts: per_expert | fused | as_read (the source's form; read: either)
     shared_key: str | None = None  # "shared_expert" | "shared_experts" | "shared_mlp"
@@ -354,7 +357,8 @@ class Layout:
         if bias is not None and self.bias_row:
             bias = bias.reshape(bias.numel)
         logit_bias = take(prefix + self.router_bias_key) if self.router_bias_key else None
-        router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias, "logit_bias": logit_bias})
+        hashed = take(prefix + self.hash_key) if self.hash_key and prefix + self.hash_key in reader else None
+        router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias, "logit_bias": logit_bias, "hash_table": hashed})
         if prefix + self.fused_keys[0] in reader:
             experts = self.read_fused_experts(prefix, spec, take)
         else:
@@ -364,7 +368,7 @@ class Layout:
             shared = self.read_dense(f"{prefix}{self.shared_key}.", take)
         if self.shared_gate_key and shared is not None:
             shared_gate = take(prefix + self.shared_gate_key)
-        return MoE(router, experts, shared, shared_gate, spec.act)
+        return MoE(router, experts, shared, shared_gate, spec.act, spec.shared_act)
 
     def validate(self, model: Model, spec: MoESpec | None = None) -> None:
         """Shapes agree with the config: errors name the tensor."""
@@ -452,11 +456,13 @@ class Layout:
 
     def moe_tensors(self, prefix: str, moe: MoE, fused: bool = False) -> list[PlannedTensor]:
         out = [PlannedTensor(prefix + self.router_key, moe.router.weight)]
-        if self.bias_key:
+        if self.bias_key and not (self.hash_key and moe.router.hash_table is not None):  # hash-routed layers select by token: no bias
             bias = moe.router.bias or Lazy.zeros((moe.router.num_experts,), torch.float32)
             out.append(PlannedTensor(prefix + self.bias_key, bias.reshape(1, bias.numel) if self.bias_row else bias))
         if self.router_bias_key:
             out.append(PlannedTensor(prefix + self.router_bias_key, moe.router.logit_bias or Lazy.zeros((moe.router.num_experts,), moe.router.weight.dtype)))
+        if self.hash_key and moe.router.hash_table is not None:
+            out.append(PlannedTensor(prefix + self.hash_key, moe.router.hash_table))
         if fused:  # streamed one expert at a time (lazy.stack parts)
             join = interleave if self.gate_up_interleaved else (lambda a, b: cat([a, b]))
             if self.fused_transposed:

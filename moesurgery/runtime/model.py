@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..canonical import FFN, Layer, Model, SwiGLU
+from ..canonical import FFN, SILU, Layer, Model, SwiGLU
 from ..lazy import Lazy
 from .attention import gqa_attention, rms_norm
 from .cpu_gemv import linear
@@ -32,8 +32,8 @@ def _load(t: Lazy, device, dtype) -> torch.Tensor:
     return t.load().to(device=device, dtype=dtype)
 
 
-def load_swiglu(f: SwiGLU, device, dtype) -> SwiGLUWeights:
-    return SwiGLUWeights(_load(f.gate, device, dtype), _load(f.up, device, dtype), _load(f.down, device, dtype))
+def load_swiglu(f: SwiGLU, device, dtype, act=SILU) -> SwiGLUWeights:
+    return SwiGLUWeights(_load(f.gate, device, dtype), _load(f.up, device, dtype), _load(f.down, device, dtype), act)
 
 
 def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
@@ -63,7 +63,8 @@ def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
         bias=r.bias.load().to(device=device, dtype=torch.float32) if r.bias is not None else None,
         gate_up=gate_up,
         down=down,
-        shared=load_swiglu(ffn.shared, device, dtype) if ffn.shared is not None else None,
+        shared=load_swiglu(ffn.shared, device, dtype, ffn.shared_act) if ffn.shared is not None else None,
+        hash_table=r.hash_table.load().to(device=device, dtype=torch.int64) if r.hash_table is not None else None,
         shared_gate=_load(ffn.shared_gate, device, dtype) if ffn.shared_gate is not None else None,
     )
 
@@ -79,14 +80,21 @@ def load_layer(layer: Layer, device="cpu", dtype=torch.float32) -> LoadedLayer:
     return LoadedLayer(layer.index, attn, load_ffn(layer.ffn, device, dtype))
 
 
-def ffn_forward(h: torch.Tensor, ffn: FFNWeights, backend: str = "loop", return_routing: bool = False):
+def ffn_forward(h: torch.Tensor, ffn: FFNWeights, backend: str = "loop", return_routing: bool = False, ids: torch.Tensor | None = None):
     if isinstance(ffn, SwiGLUWeights):
         return (ffn(h), None) if return_routing else ffn(h)
-    return moe_forward(h, ffn, backend, return_routing)
+    return moe_forward(h, ffn, backend, return_routing, ids)
 
 
 class Runtime:
     """Runs `model` on `device` in `dtype`. With `resident=True` layers stay loaded between calls."""
+
+    def __new__(cls, model: Model, *args, **kwargs):
+        if cls is Runtime and model.arch.attention == "dsv4":  # hyper-connection streams: its own decoder
+            from .dsv4 import DeepseekV4Runtime
+
+            cls = DeepseekV4Runtime
+        return super().__new__(cls)
 
     def __init__(self, model: Model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, backend: str = "loop", resident: bool = False):
         self.model, self.arch = model, model.arch
@@ -178,9 +186,14 @@ class Runtime:
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
         return self.norm(x, layer.attn["post_attention_layernorm.weight"])
 
+    def ffn_output(self, x, layer: LoadedLayer, y: torch.Tensor) -> torch.Tensor:
+        """The stream after the FFN gave y: the residual x + y."""
+        return x + y
+
     def decoder_layer(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         x, cache = self.attention(x, layer, positions, rope, cache, state)
-        return x + ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend), cache
+        ids = (state or {}).get("ids")  # token ids, for hash-routed layers
+        return self.ffn_output(x, layer, ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend, ids=ids)), cache
 
     # ---- whole model ----------------------------------------------------------------------
     @torch.no_grad()
@@ -192,7 +205,7 @@ class Runtime:
         positions = torch.arange(past, past + T, device=self.device)
         rope = self.rope(past, T)
         x = self.embed(input_ids)
-        state: dict = {}
+        state: dict = {"ids": input_ids.to(self.device)}
         for i in range(len(self.model.layers)):
             layer = self.layer(i)
             cache = caches[i] if caches and i < len(caches) else None

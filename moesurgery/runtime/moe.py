@@ -35,9 +35,12 @@ class SwiGLUWeights:
     gate: torch.Tensor  # [I, H]
     up: torch.Tensor  # [I, H]
     down: torch.Tensor  # [H, I]
+    act: Activation = SILU
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
-        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        if self.act.kind == "silu":
+            return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        return linear(activate(linear(x, self.gate), linear(x, self.up), self.act), self.down)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class MoEWeights:
     gate_up_bias: torch.Tensor | None = None  # [E, 2I]: gate biases, then up biases (gpt-oss)
     down_bias: torch.Tensor | None = None  # [E, H]
     act: Activation = SILU
+    hash_table: torch.Tensor | None = None  # [V, k] int64: experts by token id (DeepSeek-V4 hash layers)
 
     @property
     def plain(self) -> bool:
@@ -69,12 +73,28 @@ def activate(gate: torch.Tensor, up: torch.Tensor, act: Activation = SILU) -> to
     if act.kind == "silu":
         return F.silu(gate) * up
     gate, up = gate.clamp(max=act.limit), up.clamp(-act.limit, act.limit)
+    if act.kind == "clamped":  # DeepSeek-V4
+        return F.silu(gate) * up
     return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
 
 
 def route(x: torch.Tensor, r: Router, weight: torch.Tensor, bias: torch.Tensor | None,
-          logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (expert indices [T, k], weights [T, k] in x.dtype)."""
+          logit_bias: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+          hash_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (expert indices [T, k], weights [T, k] in x.dtype). Hash-routed layers (hash_table [V, k])
+    take the experts of each token id in `ids` [T]."""
+    if r.scoring == "sqrtsoftplus":  # DeepSeek-V4: logits in the model dtype, as transformers computes them
+        scores = F.softplus(F.linear(x, weight)).sqrt()  # [T, E]
+        if hash_table is not None:
+            if ids is None:
+                raise ValueError("a hash-routed layer needs the token ids")
+            idx = hash_table[ids.reshape(-1).to(hash_table.device)].long()  # [T, k]
+        else:
+            idx = (scores.float() + bias.float() if bias is not None else scores.float()).topk(r.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if r.renormalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, (w * r.scaling).to(x.dtype)
     if logit_bias is not None:  # gpt-oss: a biased linear router, top-k of its logits, softmax over those k
         logits = F.linear(x, weight, logit_bias)  # [T, E]
         top, idx = logits.topk(r.top_k, dim=-1)
@@ -338,11 +358,11 @@ def check_backend(name: str) -> str:
     return name
 
 
-def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_routing: bool = False):
-    """x [..., H] -> [..., H] (and the expert indices [T, k] when return_routing)."""
+def moe_forward(x: torch.Tensor, m: MoEWeights, backend: str = "loop", return_routing: bool = False, ids: torch.Tensor | None = None):
+    """x [..., H] -> [..., H] (and the expert indices [T, k] when return_routing); ids [...]: the token ids (hash layers)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])  # [T, H]
-    idx, w = route(x2, m.router, m.router_weight, m.bias, m.logit_bias)
+    idx, w = route(x2, m.router, m.router_weight, m.bias, m.logit_bias, ids, m.hash_table)
     if m.plain:
         out = BACKENDS[check_backend(backend)](x2, idx, w, m.gate_up, m.down)
     else:  # biased / clamped experts (gpt-oss): the loop computes them

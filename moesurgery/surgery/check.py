@@ -30,8 +30,10 @@ def quick_check(source: Model, output: Model, layers: list[int] | None = None, t
     rows = []
     for i in layers:
         x = inputs[i][:tokens] if inputs else torch.randn(tokens, source.arch.hidden_size, generator=gen)
-        want = ffn_forward(x, load_ffn(source.layers[i].ffn))
-        got = ffn_forward(x, load_ffn(output.layers[i].ffn))
+        hashed = getattr(getattr(source.layers[i].ffn, "router", None), "hash_table", None) is not None
+        ids = torch.randint(0, source.arch.vocab_size, (x.shape[0],), generator=gen) if hashed else None  # hash-routed layers
+        want = ffn_forward(x, load_ffn(source.layers[i].ffn), ids=ids)
+        got = ffn_forward(x, load_ffn(output.layers[i].ffn), ids=ids)
         err, scale = error_parts(got, want)
         rows.append({"index": i, "max_abs_err": err, "rel_err": err / max(scale, 1e-30)})
         if not (torch.isfinite(want).all() and torch.isfinite(got).all()):

@@ -45,18 +45,54 @@ def _rows(t: Lazy, index: list[int]) -> Lazy:
 
 def prune_moe(moe: MoE, keep: list[int]) -> MoE:
     """The MoE block with only experts `keep` (their router rows and correction bias; top-k unchanged;
-    shared experts untouched). Whole experts keep their stored (FP8 / INT4) forms."""
+    shared experts untouched). Whole experts keep their stored (FP8 / INT4) forms. A hash-routed layer's
+    table sends a token's removed expert to the kept expert whose router row is closest (one it does not have)."""
     r = moe.router
     router = replace(r, weight=_rows(r.weight, keep), bias=_rows(r.bias, keep) if r.bias is not None else None,
                      logit_bias=_rows(r.logit_bias, keep) if r.logit_bias is not None else None)
+    if r.hash_table is not None:
+        router.hash_table = remap_hash(r.hash_table, {e: [e] for e in keep}, closest_rows(r.weight, keep))
     return replace(moe, router=router, experts=[moe.experts[e] for e in keep])
+
+
+def closest_rows(weight: Lazy, keep: list[int]) -> dict[int, list[int]]:
+    """{removed expert: the kept experts, closest router row (cosine) first}."""
+    W = F.normalize(weight.load().double(), dim=-1)  # [E, H]
+    kept = torch.tensor(keep)
+    return {e: kept[(W[kept] @ W[e]).argsort(descending=True)].tolist() for e in range(W.shape[0]) if e not in set(keep)}
+
+
+def remap_hash(table: Lazy, groups: dict[int, list[int]], substitutes: dict[int, list[int]]) -> Lazy:
+    """A hash layer's token -> experts table [V, k] after reducing the experts: `groups` {kept expert (old id): the old
+    experts it stands for, itself first} numbers the kept ones 0.. in order; each removed expert of a token's row becomes
+    the first of its `substitutes` (old ids) not already in the row (a row never names an expert twice)."""
+    kept = list(groups)
+
+    def load() -> torch.Tensor:
+        t = table.load().long().clone()  # [V, k]
+        for removed, ranked in substitutes.items():
+            pending = (t == removed).any(1).nonzero().flatten()
+            for c in ranked:
+                if not len(pending):
+                    break
+                free = ~(t[pending] == c).any(1)
+                rows = pending[free]
+                t[rows, (t[rows] == removed).long().argmax(1)] = c
+                pending = pending[~free]
+            if len(pending):
+                raise ValueError(f"hash table: no kept expert left for the rows of expert {removed}")
+        lut = torch.full((int(t.max()) + 1,), -1, dtype=torch.long)
+        lut[torch.tensor(kept)] = torch.arange(len(kept))
+        return lut[t].to(table.dtype)
+
+    return Lazy(table.shape, table.dtype, load)
 
 
 def unselectable(moe: MoE) -> list[int]:
     """Experts no input can select: with a selection bias b and scores in (0, 1) (sigmoid, softmax), expert e
     is never in the top-k if k other experts have b_j >= b_e + 1 (their score exceeds b_j, e's stays below b_e + 1)."""
     r = moe.router
-    if r.bias is None or r.grouped:
+    if r.bias is None or r.grouped or r.scoring not in ("sigmoid", "softmax"):  # sqrt(softplus) is unbounded
         return []
     b = r.bias.load().double()
     out = []
@@ -223,15 +259,26 @@ def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, q: torch.Tenso
 
 
 def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.Tensor, method: str = "frequency",
-              ridge: float = 1e-3, router: str = "fit") -> tuple[MoE, dict]:
+              ridge: float = 1e-3, router: str = "fit", ids: torch.Tensor | None = None) -> tuple[MoE, dict]:
     """One expert per cluster (`select`: see select_neurons; `frequency`: the frequency-weighted average of its
     members' weights; `aligned`: that average with down_proj refitted to the members' frequency-weighted output on
     h [T, H]). The merged router row (and logit bias) is fitted so its logit tracks the cluster's routing mass on h
     (softmax: log-sum-exp of the members' logits; sigmoid: the logit of their summed scores), or (`router="centre"`)
     is the most used member's row, so routing among the kept experts is as before (as pruning keeps it); a selection
     bias is the centre's, or
-    the frequency-weighted mean."""
+    the frequency-weighted mean. A hash-routed layer (ids [T]: h's token ids) sends a token's merged experts to their
+    cluster's expert (another, closest router row first, where the row already has it)."""
     r = moe.router
+    hashed = None
+    if r.hash_table is not None:
+        if router != "centre":
+            raise ValueError("merging a hash-routed layer keeps the centres' router rows (grouping dominant)")
+        centres = [m[int(freq[m].argmax())] for m in clusters]
+        near = closest_rows(r.weight, centres)
+        cluster_of = {e: m[int(freq[m].argmax())] for m in clusters for e in m}
+        hashed = remap_hash(r.hash_table, {c: [c] for c in centres},
+                            {e: [cluster_of[e]] + [c for c in near[e] if c != cluster_of[e]] for e in near})
+    table = r.hash_table.load().long() if r.hash_table is not None else None
     W = r.weight.load().double()  # [E, H]
     X = h.double()  # [T, H]
     lb = r.logit_bias.load().double() if r.logit_bias is not None else None
@@ -244,11 +291,12 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
 
         E, T = W.shape[0], X.shape[0]
         sel = r.bias.load().float() if r.bias is not None else None
-        idx, w = route(X.float(), r, W.float(), sel, lb.float() if lb is not None else None)
+        idx, w = route(X.float(), r, W.float(), sel, lb.float() if lb is not None else None, ids, table)
         routed_before = torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, w.double())  # [T, E]
         if router == "centre":
             cs = [m[int(freq[m].argmax())] for m in clusters]
-            idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None)
+            idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None,
+                           ids, hashed.load().long() if hashed is not None else None)
             routed_after = torch.zeros(T, len(cs), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
     for c, members in enumerate(clusters):
         p = freq[members].double()
@@ -306,5 +354,5 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
             bias = Lazy.of(torch.stack([(b[m] * (freq[m].double() / freq[m].double().sum().clamp(min=1e-30))).sum() if len(m) > 1 else b[m[0]]
                                         for m in members_of]).to(r.bias.dtype))
     logit_bias = Lazy.of(torch.stack(row_biases).to(r.logit_bias.dtype)) if lb is not None else None
-    router = replace(r, weight=Lazy.of(weight), bias=bias, logit_bias=logit_bias)
+    router = replace(r, weight=Lazy.of(weight), bias=bias, logit_bias=logit_bias, hash_table=hashed)
     return replace(moe, router=router, experts=experts), {"clusters": clusters, "aligned_rel_err": errors}
