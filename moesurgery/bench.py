@@ -250,22 +250,25 @@ def bench_model(name: str, model: Model, o: BenchOptions, roof: dict) -> dict:
         ffn = rt.layer(index).ffn
         entry["block_layer"] = model.layers[index].index
         H = model.arch.hidden_size
+        hashed = isinstance(ffn, MoEWeights) and ffn.hash_table is not None  # DeepSeek-V4's hash layers route by token id
         for T in o.tokens:
             x = torch.randn(T, H, generator=gen).to(device, o.dtype)  # [T, H]
+            tok = torch.randint(0, model.arch.vocab_size, (T,), generator=gen).to(device) if hashed else None
             touched = None
             if isinstance(ffn, MoEWeights):
                 with torch.inference_mode():
-                    idx, _ = route(x, ffn.router, ffn.router_weight, ffn.bias)
+                    idx, _ = route(x, ffn.router, ffn.router_weight, ffn.bias, ffn.logit_bias, tok, ffn.hash_table)
                 touched = int(idx.unique().numel())
-            s, graphed = measure(lambda: ffn_forward(x, ffn, o.backend), o, run)
+            s, graphed = measure(lambda: ffn_forward(x, ffn, o.backend, ids=tok), o, run)
             row = measured_row("tokens", T, s, T, ffn_cost(ffn, T, touched), roof) | {"cuda_graph": graphed}
             if touched is not None:
                 row["experts_touched"] = touched
             entry["block"].append(row)
         if isinstance(ffn, MoEWeights):  # the bench backend against the reference loop, same input
             x = torch.randn(min(64, max(o.tokens)), H, generator=gen).to(device, o.dtype)
+            tok = torch.randint(0, model.arch.vocab_size, (x.shape[0],), generator=gen).to(device) if hashed else None
             with torch.inference_mode():
-                want, got = ffn_forward(x, ffn, "loop").float(), ffn_forward(x, ffn, o.backend).float()
+                want, got = ffn_forward(x, ffn, "loop", ids=tok).float(), ffn_forward(x, ffn, o.backend, ids=tok).float()
             entry["backend_rel_err"] = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
     V = model.arch.vocab_size

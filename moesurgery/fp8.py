@@ -49,9 +49,11 @@ def unquantized_config(cfg: dict) -> dict:
 LINEAR_WEIGHT = re.compile(r"(.+\.)?layers\.\d+\..*_proj(_with_mqa)?\.weight")  # linear weights FP8 checkpoints quantize
 
 
-def quantized_names(quantization: dict):
+def quantized_names(quantization: dict, pattern=None):
     """Which output tensors a checkpoint of `quantization` (its quantization_config) stores quantized:
-    (predicate on the tensor name, what to call the format)."""
+    (predicate on the tensor name, what to call the format); `pattern`: the layout's own rule (DeepSeek-V4)."""
+    if pattern is not None:
+        return (lambda name: bool(pattern.fullmatch(name))), "FP8"
     if quantization.get("quant_method") == "mxfp4":  # not written back yet: every fused expert weight has no form
         return (lambda name: name.endswith(("experts.gate_up_proj", "experts.down_proj"))), "MXFP4"
     if quantization.get("quant_method") == "compressed-tensors":
@@ -62,7 +64,7 @@ def quantized_names(quantization: dict):
     return (lambda name: bool(LINEAR_WEIGHT.fullmatch(name))), "FP8"
 
 
-def requantized(tensors: list, quantization: dict) -> tuple[list | None, str | None]:
+def requantized(tensors: list, quantization: dict, pattern=None) -> tuple[list | None, str | None]:
     """The planned tensors (writer.PlannedTensor) with every tensor the format quantizes written in its
     stored form (FP8: float8 data + `weight_scale_inv`; INT4: weight_packed + weight_scale +
     weight_shape), or (None, why not) when one of them has none any more (a slice off the block or
@@ -70,7 +72,7 @@ def requantized(tensors: list, quantization: dict) -> tuple[list | None, str | N
     weight of the checkpoint quantized."""
     from .writer import PlannedTensor
 
-    must, kind = quantized_names(quantization)
+    must, kind = quantized_names(quantization, pattern)
     lost = [t.name for t in tensors if must(t.name) and t.tensor.form is None]
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""

@@ -43,6 +43,7 @@ class KeyForm:
     name: str
     pairs: tuple  # (disk template, layout template)
     marker: str = ""  # a tensor only this form has: how a checkpoint is recognised as in it
+    scale_name: str = "weight_scale_inv"  # what a quantized X.weight's scale is called on disk (DeepSeek's: X.scale)
     to_layout: dict = field(init=False, repr=False)
     to_disk_names: dict = field(init=False, repr=False)
 
@@ -56,6 +57,8 @@ class KeyForm:
         return rename(disk, self.to_layout) or disk
 
     def disk_name(self, name: str) -> str:
+        if name.endswith(".weight_scale_inv"):  # a quantized weight's scale: beside its weight's disk name
+            return self.disk_name(name[: -len("_scale_inv")])[: -len("weight")] + self.scale_name
         return rename(name, self.to_disk_names) or name
 
     def view(self, reader) -> "RenamedView":

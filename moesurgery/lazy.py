@@ -7,6 +7,7 @@ range of a projection reads only those rows from disk.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -96,7 +97,9 @@ class StoredForm:
         new = tuple(new)
         return self._with(ranges if new == ranges else new, self.factor)  # the caller's tuple when equal: one less per slice
 
-    def scaled(self, factor: float) -> "StoredForm":
+    def scaled(self, factor: float) -> "StoredForm | None":
+        if torch.float8_e8m0fnu in self.dtypes and math.frexp(factor)[0] != 0.5:  # E8M0 scales hold powers of two only
+            return None
         return self._with(self.ranges, self.factor * factor)
 
     def _with(self, ranges, factor) -> "StoredForm":
@@ -159,6 +162,27 @@ class Fp8(StoredForm):
     def planned(self, name: str) -> list[tuple[str, "Lazy"]]:
         """The stored tensors of weight `name`: its float8 data and block scale_inv."""
         return [(name, self.data), (name + "_scale_inv", self.scale_inv)]
+
+
+class Fp4(StoredForm):
+    """FP4 e2m1 rows (DeepSeek-V4's routed experts): int8 data [rows, cols / 2], two values a byte (the even column in
+    the low nibble), and an E8M0 scale per row per 32 columns [rows, cols / 32]."""
+
+    GROUP = 32
+
+    def grid(self):
+        return (1, self.GROUP)
+
+    def part_ranges(self, i: int) -> tuple:
+        (r0, r1), (c0, c1) = self.ranges
+        per = 2 if i == 0 else self.GROUP
+        return (r0, r1), (c0 // per, -(-c1 // per))
+
+    def scale_part(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * self.factor).to(t.dtype)
+
+    def planned(self, name: str) -> list[tuple[str, "Lazy"]]:
+        return [(name, self._part(0)), (name + "_scale_inv", self._part(1))]
 
 
 def _resolve(base) -> "Lazy":

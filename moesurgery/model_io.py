@@ -69,7 +69,9 @@ def open_model(spec: str | Path) -> Opened:
     if block is not None or group is not None or mx:  # FP8 / INT4 / MXFP4: read dequantized, as the bf16 model it encodes
         cfg = fp8.unquantized_config(cfg)
     layout = layout_for_config(cfg)
-    reader = CheckpointReader(source.path, fp8_block=block, int4_group=group, mxfp4_on=mx)
+    expert_dtype = (quantization or {}).get("expert_dtype") if isinstance(quantization, dict) else None
+    fp4_on = block is not None and (expert_dtype or cfg.get("expert_dtype")) == "fp4"  # DeepSeek-V4: FP4 routed experts
+    reader = CheckpointReader(source.path, fp8_block=block, int4_group=group, mxfp4_on=mx, fp4_on=fp4_on)
     stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
     if stray is not None:
         raise BadInputError(f"tensor {stray} is float8 but config.json has no block-scaled fp8 quantization_config")
@@ -155,21 +157,21 @@ def _hf_tensors(model: Model, layout: Layout) -> tuple[dict, list, list[str]]:
     the source was and every weight the format quantizes kept its stored form, else plain; inside the
     source's multimodal wrapper if it had one."""
     config, tensors, notes = layout.write_config(model), layout.tensors(model), []
-    if model.key_form is not None and model.key_form in layout.key_forms:  # the names the source was read in
-        tensors = model.key_form.to_disk(tensors)
     w = model.wrapper
     if w is not None:
         tensors = [PlannedTensor(w.disk_name(t.name), t.tensor) for t in tensors]
     quantized = False
     if model.quantization:
         kind = {"compressed-tensors": "INT4 (compressed-tensors pack-quantized)", "mxfp4": "MXFP4"}.get(model.quantization.get("quant_method"), "block-scaled FP8")
-        kept, why = fp8.requantized(tensors, model.quantization)
+        kept, why = fp8.requantized(tensors, model.quantization, layout.quantized_weights if w is None else None)
         if kept is None:
             notes.append(f"written in bf16 (the {kind} source is dequantized): {why}")
 
         else:
             tensors, quantized = kept, True
             notes.append(f"written as {kind} like the source (the same stored bytes on exact slices, its quantization_config)")
+    if model.key_form is not None and model.key_form in layout.key_forms:  # the names the source was read in
+        tensors = model.key_form.to_disk(tensors)
     if w is not None and not w.multimodal:  # text-only under a prefix: the same names, the rest as stored
         config = w.nest(config, tied=model.lm_head is None)
         if quantized:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from . import fp8, int4, mxfp4
 from .errors import BadInputError
-from .lazy import Call, Fp8, Lazy
+from .lazy import Call, Fp4, Fp8, Lazy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +33,7 @@ DTYPES = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # power-of-two scales (DeepSeek-V4's FP8 blocks and FP4 groups)
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -120,7 +121,7 @@ class CheckpointReader:
     X.weight_packed / weight_scale / weight_shape triple is then read as a bf16 X.weight."""
 
     def __init__(self, directory: str | Path, fp8_block: tuple[int, int] | None = None, int4_group: int | None = None, mxfp4_on: bool = False,
-                 stem: str = "model", fp8_per_tensor: bool = False):
+                 stem: str = "model", fp8_per_tensor: bool = False, fp4_on: bool = False):
         self.directory = Path(directory)
         self.index_name = f"{stem}.safetensors.index.json"
         self.files: list[Path] = []
@@ -134,6 +135,8 @@ class CheckpointReader:
         self.mxfp4_on = mxfp4_on
         self.mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # fused weight key -> (blocks, scales) as stored
         self.fp8_per_tensor = fp8_per_tensor  # Mistral's format: float8 X.weight times the scalar X.qscale_weight
+        self.fp4_on = fp4_on  # DeepSeek-V4's FP4 experts: int8 X.weight [N, K/2] + E8M0 X.scale [N, K/32]
+        self.fp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # weight key -> (data, scale) as stored
         index_path = self.directory / self.index_name
         single = self.directory / f"{stem}.safetensors"
         if index_path.exists():
@@ -156,6 +159,7 @@ class CheckpointReader:
                 raise BadInputError(f"{self.directory}: no safetensors weights found")
             self._scan(shards)
         self._pair_fp8()
+        self._pair_fp4()
         self._pair_fp8_per_tensor()
         self._pair_int4()
         self._pair_mxfp4()
@@ -218,6 +222,8 @@ class CheckpointReader:
             if info.dtype not in fp8.FP8_DTYPES:
                 continue
             scale_key = key + fp8.SCALE_SUFFIX
+            if scale_key not in self.tensors and key.endswith(".weight") and key[: -len("weight")] + "scale" in self.tensors:
+                scale_key = key[: -len("weight")] + "scale"  # DeepSeek's name (V4: E8M0 scales)
             where = f"{info.file.name}: tensor {key}"
             if scale_key not in self.tensors or len(info.shape) != 2:
                 raise BadInputError(f"{where} is float8 without a 2-D block scale {scale_key}")
@@ -231,6 +237,37 @@ class CheckpointReader:
             self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, numel * fp8.DEQUANT_DTYPE.itemsize)
         for scale in self.scales.values():
             del self.tensors[scale.key]
+
+    def _pair_fp4(self) -> None:
+        """Present each FP4 X.weight (int8 [N, K/2]) with its E8M0 X.scale [N, K/32] as the bf16 [N, K] it encodes."""
+        if not self.fp4_on:
+            return
+        G = mxfp4.GROUP
+        for key, info in list(self.tensors.items()):
+            if info.dtype not in (torch.int8, torch.uint8) or not key.endswith(".weight"):
+                continue
+            scale = self.tensors.get(key[: -len("weight")] + "scale")
+            if scale is None:
+                continue
+            N, half = info.shape if len(info.shape) == 2 else (0, 0)
+            if scale.dtype not in (torch.float8_e8m0fnu, torch.uint8) or tuple(scale.shape) != (N, 2 * half // G) or (2 * half) % G:
+                raise BadInputError(f"{info.file.name}: tensor {key} {list(info.shape)} with scale {list(scale.shape)} {scale.dtype} is not "
+                                    f"FP4 (int8 [N, K/2] and E8M0 [N, K/{G}])")
+            self.fp4[key] = (info, scale)
+            self.tensors[key] = TensorInfo(key, info.file, (N, 2 * half), mxfp4.DEQUANT_DTYPE, N * 2 * half * 2)
+            del self.tensors[scale.key]
+
+    def _fp4_ranges(self, key: str, ranges) -> torch.Tensor:
+        """Rows r0:r1, columns c0:c1 of an FP4 weight, reading whole groups of 32 columns."""
+        d, sc = self.fp4[key]
+        rows, cols = self.tensors[key].shape
+        (r0, r1), (c0, c1) = (tuple(ranges) + ((0, rows), (0, cols)))[:2]
+        G = mxfp4.GROUP
+        g0, g1 = c0 // G, -(-c1 // G)
+        codes = self._read(d.key, d.file, (slice(r0, r1), slice(g0 * G // 2, g1 * G // 2))).view(torch.uint8)
+        exps = self._read(sc.key, sc.file, (slice(r0, r1), slice(g0, g1))).view(torch.uint8)
+        w = mxfp4.dequantize(codes.reshape(r1 - r0, g1 - g0, G // 2), exps)  # [r, (g1 - g0) * 32]
+        return w[:, c0 - g0 * G : c1 - g0 * G].contiguous()
 
     def _pair_fp8_per_tensor(self) -> None:
         """Present each float8 X.weight with its scalar X.qscale_weight (Mistral's FP8) as bf16 and hide the scale."""
@@ -370,6 +407,8 @@ class CheckpointReader:
             return self.get_ranges(key, ((0, info.shape[0]),))
         if key in self.mxfp4:
             return self._mxfp4_ranges(key, ())
+        if key in self.fp4:
+            return self._fp4_ranges(key, ())
         return self._read(key, info.file)
 
     def get_ranges(self, key: str, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -385,6 +424,8 @@ class CheckpointReader:
             return self._int4_ranges(key, ranges)
         if key in self.mxfp4:
             return self._mxfp4_ranges(key, ranges)
+        if key in self.fp4:
+            return self._fp4_ranges(key, ranges)
         return self._read(key, info.file, sl)
 
     def _int4_ranges(self, key: str, ranges) -> torch.Tensor:
@@ -415,6 +456,10 @@ class CheckpointReader:
     def _fp8_form(self, key: str):
         """The stored form of a dequantized weight (so it can be written back quantized): the raw float8
         data and scale_inv (FP8), or packed words and scales (INT4); None for any other tensor."""
+        if key in self.fp4:
+            d, sc = self.fp4[key]
+            return Fp4((Call(CheckpointReader._stored, self, d), Call(CheckpointReader._stored, self, sc)), None, 1.0, self.tensors[key].shape,
+                       (d.dtype, sc.dtype))
         if key in self.mxfp4:
             b, s = self.mxfp4[key]
             E, cols, out = self.tensors[key].shape
@@ -443,7 +488,8 @@ class CheckpointReader:
         """name -> TensorInfo of every tensor exactly as stored (made once)."""
         if getattr(self, "_stored_cache", None) is not None:
             return self._stored_cache
-        out = {k: v for k, v in self.tensors.items() if k not in self.int4 and k not in self.mxfp4}
+        out = {k: v for k, v in self.tensors.items() if k not in self.int4 and k not in self.mxfp4 and k not in self.fp4}
+        out.update({info.key: info for parts in self.fp4.values() for info in parts})
         out.update({info.key: info for parts in self.mxfp4.values() for info in parts})
         out.update({info.key: info for info in self.scales.values()})
         out.update(self.fp8_data)
@@ -466,6 +512,8 @@ class CheckpointReader:
         """The weight a stored scale or packed part belongs to (itself for any other tensor)."""
         if key.endswith(fp8.SCALE_SUFFIX) and key[: -len(fp8.SCALE_SUFFIX)] in self.scales:
             return key[: -len(fp8.SCALE_SUFFIX)]
+        if key.endswith(".scale") and (key[: -len("scale")] + "weight" in self.scales or key[: -len("scale")] + "weight" in self.fp4):
+            return key[: -len("scale")] + "weight"
         for part in (int4.PACKED, int4.SCALE, int4.SHAPE):
             if key.endswith("." + part) and key[: -len(part)] + "weight" in self.int4:
                 return key[: -len(part)] + "weight"

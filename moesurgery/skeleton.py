@@ -36,6 +36,8 @@ def attention_shapes(arch: Arch, index: int, linear_form: str | None = None) -> 
     out = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
     if arch.attention == "hybrid":
         return {**out, **hybrid_shapes(arch, index, linear_form)}
+    if arch.attention == "dsv4":
+        return {**out, **dsv4_shapes(arch, index)}
     if arch.attention == "mla":
         m, h = arch.mla, arch.num_heads
         qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
@@ -68,6 +70,28 @@ def attention_shapes(arch: Arch, index: int, linear_form: str | None = None) -> 
         out.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     elif arch.qk_norm == "full":
         out.update({"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)})
+    return out
+
+
+def dsv4_shapes(arch: Arch, index: int) -> dict[str, tuple]:
+    """DeepSeek-V4: hyper-connection weights, the shared-KV attention, and the layer's compressor (+ indexer on CSA)."""
+    d, H, D, h = arch.dsv4, arch.hidden_size, arch.head_dim, arch.num_heads
+    N, q, G, r = d["hc_mult"], d["q_lora_rank"], d["o_groups"], d["o_lora_rank"]
+    out = {f"{s}_hc.{p}": shape for s in ("attn", "ffn") for p, shape in (("fn", ((2 + N) * N, N * H)), ("base", ((2 + N) * N,)), ("scale", (3,)))}
+    out.update({"self_attn.q_a_proj.weight": (q, H), "self_attn.q_a_norm.weight": (q,), "self_attn.q_b_proj.weight": (h * D, q),
+                "self_attn.kv_proj.weight": (D, H), "self_attn.kv_norm.weight": (D,), "self_attn.o_a_proj.weight": (G * r, h * D // G),
+                "self_attn.o_b_proj.weight": (H, G * r), "self_attn.sinks": (h,)})
+    kind = arch.layer_types[index]
+    if kind == "sliding_attention":
+        return out
+    m = d["compress_rates"][kind]
+    c = "self_attn.compressor."
+    width = 2 * D if kind == "compressed_sparse_attention" else D
+    out.update({c + "kv_proj.weight": (width, H), c + "gate_proj.weight": (width, H), c + "position_bias": (m, width), c + "kv_norm.weight": (D,)})
+    if kind == "compressed_sparse_attention":
+        i, nh, hd = c + "indexer.", d["index_n_heads"], d["index_head_dim"]
+        out.update({i + "kv_proj.weight": (2 * hd, H), i + "gate_proj.weight": (2 * hd, H), i + "position_bias": (m, 2 * hd),
+                    i + "kv_norm.weight": (hd,), i + "q_b_proj.weight": (nh * hd, q), i + "scorer.weights_proj.weight": (nh, H)})
     return out
 
 
@@ -120,38 +144,59 @@ def skeleton(config: dict, dtype: torch.dtype = torch.bfloat16) -> Model:
     def t(*shape):
         return _placeholder(shape, dtype)
 
-    def w(*shape):  # a linear weight: it carries the stored form a quantized checkpoint gives it
+    pattern = layout.quantized_weights
+    fp4 = (quant or {}).get("expert_dtype", text.get("expert_dtype")) == "fp4" if quant else False
+
+    def w(*shape, name: str | None = None, expert: bool = False):  # a linear weight: with the stored form a quantized checkpoint gives it
         out = t(*shape)
-        if block is not None:
-            out.form = Fp8.stored(lambda: _placeholder(shape, torch.float8_e4m3fn), lambda: _placeholder(fp8.scale_shape(shape, block), torch.float32),
-                                  block, shape, (torch.float8_e4m3fn, torch.float32))
+        if pattern is not None and name is not None and not pattern.fullmatch(name):  # the layout's releases keep this one unquantized
+            return out
+        if expert and fp4:  # DeepSeek-V4: FP4 e2m1 rows, E8M0 per 32 inputs
+            from .lazy import Fp4
+
+            out.form = Fp4((lambda: _placeholder((shape[0], shape[1] // 2), torch.int8), lambda: _placeholder((shape[0], shape[1] // 32), torch.float8_e8m0fnu)),
+                           None, 1.0, shape, (torch.int8, torch.float8_e8m0fnu))
+        elif block is not None:
+            scale_dtype = torch.float8_e8m0fnu if (quant or {}).get("scale_fmt") == "ue8m0" else torch.float32
+            out.form = Fp8.stored(lambda: _placeholder(shape, torch.float8_e4m3fn), lambda: _placeholder(fp8.scale_shape(shape, block), scale_dtype),
+                                  block, shape, (torch.float8_e4m3fn, scale_dtype))
         elif group is not None and shape[1] % group == 0:
             out.form = int4.Int4(lambda: _placeholder((shape[0], -(-shape[1] // int4.PACK)), torch.int32),
                                  lambda: _placeholder((shape[0], shape[1] // group), dtype), group, shape=shape, dtypes=(torch.int32, dtype))
         return out
 
-    def swiglu(width):
-        return SwiGLU(w(width, H), w(width, H), w(H, width))
+    def swiglu(width, prefix: str | None = None, expert: bool = False):
+        name = (lambda p: f"{prefix}{p}_proj.weight") if prefix else (lambda p: None)
+        return SwiGLU(w(width, H, name=name("gate"), expert=expert), w(width, H, name=name("up"), expert=expert), w(H, width, name=name("down"), expert=expert))
 
     spec = layout.read_moe_spec(text) if layout.moe else None
     layers = []
     for i in range(arch.num_layers):
-        attn = {k: (w(*s) if len(s) == 2 else t(*s)) for k, s in attention_shapes(arch, i, layout.linear_attn_form).items()}
+        attn = {k: (w(*s, name=f"model.layers.{i}.{k}") if len(s) == 2 and not k.endswith("_hc.fn") else t(*s))
+                for k, s in attention_shapes(arch, i, layout.linear_attn_form).items()}
         if spec is not None and layout.is_moe_layer(text, i):
             r = spec.router
-            router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H), "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias else None})
-            shared = swiglu(spec.shared_width) if spec.shared_width else None
+            mlp = f"model.layers.{i}.{layout.ffn_prefix}."
+            hashed = arch.dsv4.get("mlp_layer_types", [None] * arch.num_layers)[i] == "hash_moe"
+            router = type(r)(**{**r.__dict__, "weight": t(spec.num_experts, H),
+                                "bias": _placeholder((spec.num_experts,), torch.float32) if layout.has_bias and not hashed else None,
+                                "hash_table": _placeholder((arch.vocab_size, spec.top_k), torch.int64) if hashed else None})
+            shared = swiglu(spec.shared_width, f"{mlp}{layout.shared_key}.") if spec.shared_width else None
             gate = t(1, H) if shared is not None and layout.shared_gate_key else None
-            experts = [swiglu(spec.expert_width) for _ in range(spec.num_experts)]
+            experts = [swiglu(spec.expert_width, f"{mlp}experts.{j}.", expert=True) for j in range(spec.num_experts)]
             if quant and quant.get("quant_method") == "mxfp4":  # the release's fused MXFP4 experts (gpt-oss)
                 mxfp4_forms(experts, spec.expert_width, H)
-            ffn = MoE(router, experts, shared, gate, spec.act)
+            ffn = MoE(router, experts, shared, gate, spec.act, spec.shared_act)
         else:
             ffn = swiglu(int(text[layout.dense_width_key]))
         layers.append(Layer(i, attn, ffn))
     lm_head = None if arch.tie_word_embeddings else t(arch.vocab_size, H)
-    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), quantization=quant,
-                 experts_stored=layout.hub_experts)
+    extras = {}
+    if arch.attention == "dsv4":  # the final hyper-connection collapse
+        N = arch.dsv4["hc_mult"]
+        extras = {"model.hc_head.hc_fn": t(N, N * H), "model.hc_head.hc_base": t(N), "model.hc_head.hc_scale": t(1)}
+    return Model(layout.name, arch, t(arch.vocab_size, H), t(H), lm_head, layers, dict(text), extras=extras, quantization=quant,
+                 experts_stored=layout.hub_experts, key_form=layout.key_forms[0] if layout.key_forms else None)
 
 
 def write_native_skeleton(params: dict, path: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -198,7 +243,9 @@ def write_skeleton(config: dict, path: str | Path, dtype: torch.dtype = torch.bf
         vision = (config.get("vision_config") or {}).get("hidden_size", 1024)
         tensors.append(PlannedTensor("vision_tower.patch_embed.proj.weight", _placeholder((vision, 3, 14, 14), dtype)))
     if model.quantization:  # stored as the quantized checkpoint: FP8 + weight_scale_inv, or INT4 packed + scales
-        tensors, _ = fp8.requantized(tensors, model.quantization)
+        tensors, _ = fp8.requantized(tensors, model.quantization, layout_for_config(text).quantized_weights)
+    if model.key_form is not None:  # the family's release names (DeepSeek-V4's own)
+        tensors = model.key_form.to_disk(tensors)
     header = _header_bytes(tensors, provenance("skeleton", "config"))
     with open(path / SINGLE_NAME, "wb") as f:
         f.write(header)

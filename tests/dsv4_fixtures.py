@@ -101,3 +101,46 @@ def dsv4_logits(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
 
 def config_of(path: Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+_BF16_KEPT = ("compressor.wkv", "compressor.wgate", "weights_proj")  # V4 releases keep these in bf16
+
+
+def _fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 data and one E8M0 (power of two) scale per 128 x 128 block."""
+    N, K = w.shape
+    pad = torch.zeros(-(-N // 128) * 128, -(-K // 128) * 128)
+    pad[:N, :K] = w.float()
+    blocks = pad.view(pad.shape[0] // 128, 128, pad.shape[1] // 128, 128)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [N/128, K/128]
+    scale = torch.pow(2.0, torch.ceil(torch.log2(amax / 448.0)))
+    data = (w.float() / scale.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]).to(torch.float8_e4m3fn)
+    return data, scale.to(torch.float8_e8m0fnu)
+
+
+def make_dsv4_quantized(path: Path, seed: int = 0, **overrides) -> Path:
+    """The tiny model in DeepSeek's release form and formats: FP8 e4m3 attention / shared MLP (E8M0 128-blocks),
+    FP4 e2m1 routed experts (int8 [N, K/2], E8M0 per 32 inputs), `X.scale` beside each."""
+    from moesurgery.mxfp4 import quantize
+
+    path = Path(path)
+    make_dsv4(path, "hub", seed, **overrides)
+    state = load_file(str(path / "model.safetensors"))
+    out = {}
+    for k, v in state.items():
+        if ".ffn.experts." in k and k.endswith(".weight"):
+            codes, exps = quantize(v)  # [N, K/32, 16] uint8, [N, K/32] uint8
+            out[k], out[k[: -len("weight")] + "scale"] = codes.reshape(v.shape[0], -1).view(torch.int8), exps.view(torch.float8_e8m0fnu)
+        elif k.endswith(".weight") and v.dim() == 2 and ".attn." in k or ".shared_experts." in k:
+            if any(s in k for s in _BF16_KEPT):
+                out[k] = v.to(torch.bfloat16)
+                continue
+            out[k], out[k[: -len("weight")] + "scale"] = _fp8_blocks(v)
+        else:
+            out[k] = v
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(quantization_config=dict(QUANTIZATION), expert_dtype="fp4")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path

@@ -192,3 +192,74 @@ def test_remap_hash_substitutes_and_renumbers():
     table = Lazy.of(torch.tensor([[0, 1], [1, 2], [3, 0]]))
     out = remap_hash(table, {0: [0], 2: [2], 3: [3]}, {1: [0, 2]}).load()  # 1 removed: 0 where the row lacks it, else 2
     assert out.tolist() == [[0, 1], [0, 1], [2, 0]]  # old 0, 2, 3 -> new 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------ FP8 / FP4 releases
+@pytest.fixture(scope="module")
+def v4q(tmp_path_factory):
+    from tests.dsv4_fixtures import make_dsv4_quantized
+
+    return make_dsv4_quantized(tmp_path_factory.mktemp("dsv4q") / "fp")
+
+
+def _stored(path: Path) -> dict:
+    r = CheckpointReader(path)
+    return {k: (r.info(k).dtype, r.stored(k).load().contiguous().view(-1).view(torch.uint8)) for k in r.stored_keys()}
+
+
+def test_fp8_fp4_release_read_as_transformers_dequantizes_it(v4q, ids):
+    opened = open_model(v4q)
+    assert opened.reader.fp4 and opened.reader.scales  # FP4 experts and FP8 blocks were paired with their E8M0 scales
+    assert rel_err(Runtime(opened.model).forward(ids), dsv4_logits(v4q, ids)) < 1e-5
+
+
+def test_fp8_fp4_same_layout_convert_is_byte_identical(v4q, tmp_path):
+    report = convert(v4q, tmp_path / "out", "deepseek_v4")
+    assert any("written as block-scaled FP8 like the source" in n for n in report["notes"])
+    a, b = _stored(v4q), _stored(tmp_path / "out")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k][0] == b[k][0] and torch.equal(a[k][1], b[k][1]), k
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["scale_fmt"] == "ue8m0" and cfg["expert_dtype"] == "fp4"
+
+
+def test_pruned_fp8_fp4_release_stays_quantized(v4q, ids, tmp_path):
+    from moesurgery.operations import prune_experts
+
+    report = prune_experts(v4q, tmp_path / "out", keep=3, calibration_text="hello world " * 200, calibration_tokens=256)
+    assert any("written as block-scaled FP8 like the source" in n for n in report["notes"]), report["notes"]
+    kept = report["kept"]["1"]
+    a, b = _stored(v4q), _stored(tmp_path / "out")
+    for new, old in enumerate(kept):  # whole experts: the same FP4 bytes and scales under their new numbers
+        for w in ("w1", "w2", "w3"):
+            for part in ("weight", "scale"):
+                assert torch.equal(b[f"layers.1.ffn.experts.{new}.{w}.{part}"][1], a[f"layers.1.ffn.experts.{old}.{w}.{part}"][1])
+    assert torch.isfinite(dsv4_logits(tmp_path / "out", ids)).all()
+
+
+def test_bench_runs_it(v4, capsys):
+    """bench: the hash layer's block (token ids drawn), prefill, decode (short prompts: no window compressed yet)."""
+    from moesurgery.cli import main
+
+    assert main(["bench", str(v4()), "--quick", "--json", "--tokens", "1,16", "--batch", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["models"][0]["layout"] == "deepseek_v4" and report["models"][0]["decode"]
+
+
+def test_perplexity_equals_transformers(v4):
+    """The perplexity verify reports (our runtime) is transformers' on the same tokens."""
+    import torch.nn.functional as F
+
+    path = v4("hub")
+
+    def ppl(logits):
+        return float(torch.exp(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))))
+
+    from moesurgery.verify import make_inputs
+
+    text = "the quick brown fox jumps over the lazy dog, " * 4
+    tokens, _ = make_inputs(open_model(path), text, None, 1, 37, 0)
+    ours = verify(path, path, text=text, batch=1, seq_len=37)["perplexity"]["reference"]
+    ids = tokens.reshape(1, -1)
+    assert ours == pytest.approx(ppl(dsv4_logits(path, ids)), rel=1e-5)

@@ -179,6 +179,7 @@ class Layout:
     router_bias_key: str | None = None  # a bias of the router's linear, added to its logits (gpt-oss "router.bias")
     hash_key: str | None = None  # hash-routed layers' token -> experts table (DeepSeek-V4 "gate.tid2eid" [V, k])
     key_forms: tuple = ()  # keyforms.KeyForm: other names the family's checkpoints circulate in (read, and written back in)
+    quantized_weights = None  # re.Pattern of the (transformers) names its quantized releases store quantized; None: fp8.LINEAR_WEIGHT
     linear_attn_form: str | None = None  # hybrid layouts: Gated DeltaNet projections "grouped" (Qwen3-Next) or "flat" (Qwen3.5)
     dense_width_key: str = "intermediate_size"  # the config field of the dense layers' width (Llama 4: intermediate_size_mlp)
     weight_on_input: bool = False  # the router's weight scales the expert's input (Llama 4)

@@ -18,6 +18,8 @@ Tensors circulate in two names: DeepSeek's own (no `model.` prefix: `embed.weigh
 
 from __future__ import annotations
 
+import re
+
 from ..canonical import Activation
 from ..errors import BadInputError
 from ..keyforms import KeyForm, prefixed
@@ -63,12 +65,12 @@ _TOP = (
     *((f"hc_head_{p}", f"model.hc_head.hc_{p}") for p in ("fn", "base", "scale")),
 )
 _HUB_PAIRS = _TOP + tuple((f"layers.{{L}}.{d}", f"model.layers.{{L}}.{m}") for d, m in _LAYER)
-HUB = KeyForm("deepseek", _HUB_PAIRS, marker="embed.weight")  # DeepSeek's release names
+HUB = KeyForm("deepseek", _HUB_PAIRS, marker="embed.weight", scale_name="scale")  # DeepSeek's release names
 # transformers' save_pretrained: `model.` before DeepSeek's names, but its own embed / norm / hc_head names
 SAVED = KeyForm("transformers-saved", prefixed(_HUB_PAIRS, "model.", {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight",
                                                                         "norm.weight": "model.norm.weight",
                                                                         **{f"hc_head_{p}": f"model.hc_head.hc_{p}" for p in ("fn", "base", "scale")}}),
-                marker="head.weight")
+                marker="head.weight", scale_name="scale")
 
 
 def layer_types(cfg: dict, n: int) -> list[str]:
@@ -116,8 +118,14 @@ def rope_tables(cfg: dict, prf: float) -> dict:
     return {"main": main, "compress": compress}
 
 
+# what V4's releases store quantized: FP8 e4m3 (128 x 128 E8M0 blocks) attention and shared MLP, FP4 routed experts
+QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj|compressor\.indexer\.q_b_proj)"
+                       r"|mlp\.(shared_experts|experts\.\d+)\.(gate|up|down)_proj)\.weight")
+
+
 class DeepseekV4(Layout):
     name = "deepseek_v4"
+    quantized_weights = QUANTIZED
     architecture = "DeepseekV4ForCausalLM"
     key_forms = (HUB, SAVED)
     router_key = "gate.weight"

@@ -166,6 +166,8 @@ class DeepseekV4Runtime(Runtime):
         """One entry per complete window of m tokens [W, dim]: softmax-gated sum of its tokens' projections (CSA:
         over the Ca half of the previous window and the Cb half of this one), normed, rotated at the window's start."""
         nw = x.shape[0] // m
+        if nw == 0:  # fewer tokens than one window: nothing compressed yet
+            return x.new_zeros(0, dim)
         kv = (x[: nw * m] @ a[p + "kv_proj.weight"].T).view(nw, m, -1)
         g = (x[: nw * m] @ a[p + "gate_proj.weight"].T).view(nw, m, -1) + a[p + "position_bias"]
         if overlap:  # slots: Ca of window w-1 (absent for w = 0), then Cb of window w

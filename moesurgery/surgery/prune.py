@@ -51,7 +51,7 @@ def prune_moe(moe: MoE, keep: list[int]) -> MoE:
     router = replace(r, weight=_rows(r.weight, keep), bias=_rows(r.bias, keep) if r.bias is not None else None,
                      logit_bias=_rows(r.logit_bias, keep) if r.logit_bias is not None else None)
     if r.hash_table is not None:
-        router.hash_table = remap_hash(r.hash_table, {e: [e] for e in keep}, closest_rows(r.weight, keep))
+        router.hash_table = remap_hash(r.hash_table, {e: [e] for e in keep}, lambda: closest_rows(r.weight, keep))  # read when written
     return replace(moe, router=router, experts=[moe.experts[e] for e in keep])
 
 
@@ -62,15 +62,17 @@ def closest_rows(weight: Lazy, keep: list[int]) -> dict[int, list[int]]:
     return {e: kept[(W[kept] @ W[e]).argsort(descending=True)].tolist() for e in range(W.shape[0]) if e not in set(keep)}
 
 
-def remap_hash(table: Lazy, groups: dict[int, list[int]], substitutes: dict[int, list[int]]) -> Lazy:
+def remap_hash(table: Lazy, groups: dict[int, list[int]], substitutes) -> Lazy:
     """A hash layer's token -> experts table [V, k] after reducing the experts: `groups` {kept expert (old id): the old
     experts it stands for, itself first} numbers the kept ones 0.. in order; each removed expert of a token's row becomes
-    the first of its `substitutes` (old ids) not already in the row (a row never names an expert twice)."""
+    the first of its `substitutes` (old ids; a dict, or a function giving it when the table is read) not already in
+    the row (a row never names an expert twice)."""
     kept = list(groups)
 
     def load() -> torch.Tensor:
         t = table.load().long().clone()  # [V, k]
-        for removed, ranked in substitutes.items():
+        subs = substitutes() if callable(substitutes) else substitutes
+        for removed, ranked in subs.items():
             pending = (t == removed).any(1).nonzero().flatten()
             for c in ranked:
                 if not len(pending):
