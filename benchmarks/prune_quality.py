@@ -5,7 +5,7 @@ the only MoEs a package here ships material for.
 No trained MoE ships in any package on this machine, so the MoEs are made from SmolLM2-135M-Instruct
 (dense, 30 layers, FFN 1536) by the best measured training-free split (BENCHMARKS.md "quality"):
 coactivation partition + fitted router, layer 0 dense, 2 shared + top-6 of 14 routed experts of 96 neurons
-(recipe smollm2-135m-split-50: 50% of the FFN active); and its exact 4x finer split (2 shared + top-24 of
+(recipe smollm2-135m-split-50 before 2026-12-02, which now has 4 shared + top-4 of 12: 50% of the FFN active); and its exact 4x finer split (2 shared + top-24 of
 56 routed experts of 24). Each is reduced by removing 25% and 50% of its routed experts per MoE layer
 (coarse: 14 -> 10 / 7; fine: 56 -> 42 / 28), by every method; held-out perplexity (pydoc topics disjoint
 from the calibration text, 8 x 256 tokens) against the unreduced MoE.

@@ -56,7 +56,7 @@ from moesurgery.model_io import open_model  # noqa: E402
 from moesurgery.operations import split_experts  # noqa: E402
 from moesurgery.runtime.model import Runtime, ffn_forward  # noqa: E402
 from moesurgery.runtime.moe import MoEWeights  # noqa: E402
-from moesurgery.texts import calibration_text, heldout_text  # noqa: E402
+from moesurgery.texts import apache_text, calibration_text, heldout_text  # noqa: E402
 
 # active fraction (%) -> (routed experts, top_k, shared); 16 experts of 96 neurons in all
 CONFIGS = {75: (14, 10, 2), 50: (14, 6, 2), 25: (15, 3, 1)}
@@ -158,19 +158,24 @@ def run(args) -> dict:
         raise SystemExit("no SmolLM2 checkpoint (see DEVELOPERS.md, 'Real model for tests'); or pass --checkpoint")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     vocab = open_model(source).model.arch.vocab_size
-    held = tokenize(source, heldout_text(), vocab)
     need = args.eval_seqs * args.seq_len
-    if held.numel() < need:
-        raise SystemExit(f"held-out text has {held.numel()} tokens, fewer than {need}")
-    ids = held[:need].view(args.eval_seqs, args.seq_len)
+    evals = {}
+    for name in args.eval_texts:  # held-out texts: pydoc topics disjoint from the calibration, and another domain
+        held = tokenize(source, {"pydoc": heldout_text, "apache": apache_text}[name](), vocab)
+        if held.numel() < need:
+            raise SystemExit(f"held-out text {name} has {held.numel()} tokens, fewer than {need}")
+        evals[name] = held[:need].view(args.eval_seqs, args.seq_len)
+    ids = evals[args.eval_texts[0]]
     cal_text = calibration_text()
 
     cache = CachedFFNInputs(_calibration.ffn_inputs)
     if not args.sequential:  # sequential calibration depends on each split: nothing to reuse
         _calibration.ffn_inputs = cache  # split_experts imports it at call time
     t0 = time.perf_counter()
-    dense = evaluate(source, ids)
-    log(f"dense: ppl {dense['ppl']:.3f} ({time.perf_counter() - t0:.0f}s)", args)
+    denses = {name: evaluate(source, e) for name, e in evals.items()}
+    dense = denses[args.eval_texts[0]]
+    shown = ", ".join(f"{n} {d['ppl']:.3f}" for n, d in denses.items())
+    log(f"dense: ppl {shown} ({time.perf_counter() - t0:.0f}s)", args)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="moesurgery-quality-", dir=args.workdir))
     try:
@@ -193,11 +198,12 @@ def run(args) -> dict:
                     measured = report["measured"]
                     cal = {key: sum(m[key] for m in measured) / len(measured) for key in ("rel_err", "oracle_rel_err", "router_oracle_agreement")}
                     if router in args.routers or router == "default":
-                        t = time.perf_counter()
-                        res = evaluate(out, ids)
                         label = ((f"default ({report['method']}, {report['target_layout']})", f"default ({report['router']})") if method == "default"
                                  else (method, router))
-                        rows.append(row(frac, N, K, S, *label, res, dense, cal, split_s, time.perf_counter() - t, args))
+                        for name, e in evals.items():
+                            t = time.perf_counter()
+                            res = evaluate(out, e)
+                            rows.append(row(frac, N, K, S, *label, res, denses[name], cal, split_s, time.perf_counter() - t, args) | {"eval_text": name})
                     if "oracle" in args.routers and not oracle_done:
                         t = time.perf_counter()
                         res = evaluate(out, ids, mode="oracle")
@@ -222,6 +228,8 @@ def run(args) -> dict:
         "first_k_dense": args.first_k_dense,
         "eval": {"sequences": args.eval_seqs, "seq_len": args.seq_len, "tokens": need},
         "dense_ppl": dense["ppl"],
+        "dense_ppl_by_text": {n: d["ppl"] for n, d in denses.items()},
+        "eval_texts": list(args.eval_texts),
         "calibration_s": cache.computed_s,
         "total_s": time.perf_counter() - t0,
         "rows": rows,
@@ -247,18 +255,20 @@ def log(msg: str, args) -> None:
 def table(result: dict) -> str:
     """Markdown: one row per (active fraction, method), ppl ratio per router."""
     routers = [r for r in ROUTERS if any(x["router"] == r for x in result["rows"])]
-    head = "| active | experts (shared + top-k of routed) | method | " + " | ".join(f"{r} ppl (x dense)" for r in routers) + " | fitted/centroid agree w/ oracle |"
-    lines = [head, "|" + "---|" * (4 + len(routers))]
+    head = ("| active | experts (shared + top-k of routed) | method | held-out text | " + " | ".join(f"{r} ppl (x dense)" for r in routers)
+            + " | fitted/centroid agree w/ oracle |")
+    lines = [head, "|" + "---|" * (5 + len(routers))]
     keys = []
     for x in result["rows"]:
-        if (x["active"], x["method"]) not in keys:
-            keys.append((x["active"], x["method"]))
-    for frac, method in keys:
-        got = {x["router"]: x for x in result["rows"] if (x["active"], x["method"]) == (frac, method)}
+        key = (x["active"], x["method"], x.get("eval_text", "pydoc"))
+        if key not in keys:
+            keys.append(key)
+    for frac, method, text in keys:
+        got = {x["router"]: x for x in result["rows"] if (x["active"], x["method"], x.get("eval_text", "pydoc")) == (frac, method, text)}
         any_row = next(iter(got.values()))
         cells = [f"{got[r]['ppl']:.2f} (x{got[r]['ratio']:.2f})" if r in got else "" for r in routers]
         agree = " / ".join(f"{got[r]['oracle_agreement']:.2f}" for r in ("fitted", "centroid") if r in got and got[r]["oracle_agreement"] is not None)
-        lines.append(f"| {frac}% | {any_row['shared']} + {any_row['top_k']} of {any_row['routed']} | {method} | " + " | ".join(cells) + f" | {agree} |")
+        lines.append(f"| {frac}% | {any_row['shared']} + {any_row['top_k']} of {any_row['routed']} | {method} | {text} | " + " | ".join(cells) + f" | {agree} |")
     return "\n".join(lines)
 
 
@@ -270,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-tokens", type=int, default=4096)
     p.add_argument("--eval-seqs", type=int, default=8, help="held-out sequences of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-texts", default="pydoc", help="held-out texts: pydoc (topics disjoint from the calibration), apache (Debian's Apache-2.0 licence: another domain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="a dense Llama-like checkpoint with tokenizer.json and FFN width divisible by 16 (default: SmolLM2-135M)")
     p.add_argument("--workdir", help="where the temporary splits go (default: the system temp dir)")
@@ -284,7 +295,8 @@ def main(argv=None) -> int:
     args.fractions = [int(f) for f in str(args.fractions).split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
     args.routers = [r for r in args.routers.split(",") if r]
-    bad = [f for f in args.fractions if f not in CONFIGS] + [m for m in args.methods if m not in METHODS and m != "default"] + [r for r in args.routers if r not in ROUTERS]
+    args.eval_texts = [t for t in args.eval_texts.split(",") if t]
+    bad = [f for f in args.fractions if f not in CONFIGS] + [m for m in args.methods if m not in METHODS and m != "default"] + [r for r in args.routers if r not in ROUTERS] + [t for t in args.eval_texts if t not in ("pydoc", "apache")]
     if bad:
         p.error(f"unknown {bad} (fractions {list(CONFIGS)}, methods {METHODS}, routers {ROUTERS})")
     result = run(args)

@@ -28,3 +28,18 @@ def calibration_text(max_chars: int = 200_000) -> str:
 def heldout_text(max_chars: int = 200_000) -> str:
     topics = _topics()
     return "\n\n".join(topics[k] for k in split_keys()[1])[:max_chars]
+
+
+APACHE = "/usr/share/common-licenses/Apache-2.0"  # Debian's copy: legal English, another domain than pydoc
+
+
+def apache_text() -> str:
+    """The Apache License 2.0 as Debian ships it (held-out text of another domain than the calibration text)."""
+    from pathlib import Path
+
+    try:
+        return Path(APACHE).read_text()
+    except OSError:
+        from .errors import BadInputError
+
+        raise BadInputError(f"{APACHE} is not here (Debian's common-licenses): pass a text file") from None
