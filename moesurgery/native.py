@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
-from .keyforms import rename, table
+from .keyforms import RenamedView, rename, table
 from .lazy import Lazy
 
 PARAMS = "params.json"
@@ -265,38 +265,24 @@ def _permuted_rows(name: str, cfg: dict) -> torch.Tensor | None:
     return pair_to_half(int(cfg.get(heads_key) or cfg["num_attention_heads"]) * head_dim, head_dim)
 
 
-class NativeView:
+class NativeView(RenamedView):
     """A reader over a Mistral-format checkpoint under transformers names (q/k rows in transformers' order)."""
 
     def __init__(self, reader, cfg: dict):
-        self.reader, self.cfg = reader, cfg
-        self._names: dict[str, str] = {}  # transformers name -> disk name
+        self.cfg = cfg
+        names: dict[str, str] = {}  # transformers name -> disk name
         self.vision: list[str] = []
         for key in reader.keys():
             if key.startswith(VISION_PREFIXES):
                 self.vision.append(key)
             elif not ACT_SCALES.fullmatch(key):
-                self._names[rename(key, TO_HF) or key] = key  # an unknown name stays as it is (the layouts name it)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._names
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def disk(self, name: str) -> str:
-        return self._names.get(name, name)
-
-    def info(self, name: str):
-        return self.reader.info(self.disk(name))
+                names[rename(key, TO_HF) or key] = key  # an unknown name stays as it is (the layouts name it)
+        super().__init__(reader, names)
 
     def lazy(self, name: str) -> Lazy:
         t = self.reader.lazy(self.disk(name))
         rows = _permuted_rows(name, self.cfg)
         return t if rows is None else _rows(t, rows)
-
-    def __getattr__(self, attr):  # files, dtypes...: the reader's
-        return getattr(self.reader, attr)
 
 
 def _rows(t: Lazy, index: torch.Tensor) -> Lazy:

@@ -19,6 +19,7 @@ import copy
 from dataclasses import dataclass, field
 
 from .errors import BadInputError
+from .keyforms import RenamedView
 from .lazy import Lazy
 
 # (prefix of the text model's `model.` tensors, name of its lm_head) on disk, newest first
@@ -99,35 +100,18 @@ def unwrap_config(cfg: dict) -> tuple[dict, tuple]:
     return text, moved
 
 
-class TextView:
+class TextView(RenamedView):
     """A reader over the language model of a wrapper checkpoint, under the plain names."""
 
     def __init__(self, reader, prefix: str, head: str):
-        self.reader, self.prefix, self.head = reader, prefix, head
-        self._names: dict[str, str] = {}  # plain name -> disk name
+        self.prefix, self.head = prefix, head
+        names: dict[str, str] = {}  # plain name -> disk name
         for key in reader.keys():
             if key == head:
-                self._names["lm_head.weight"] = key
+                names["lm_head.weight"] = key
             elif key.startswith(prefix):
-                self._names["model." + key[len(prefix):]] = key
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._names
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def disk(self, name: str) -> str:
-        return self._names.get(name, name)
-
-    def info(self, name: str):
-        return self.reader.info(self.disk(name))
-
-    def lazy(self, name: str) -> Lazy:
-        return self.reader.lazy(self.disk(name))
-
-    def __getattr__(self, attr):  # everything else (files, fp8 tables, dtypes...) is the reader's
-        return getattr(self.reader, attr)
+                names["model." + key[len(prefix):]] = key
+        super().__init__(reader, names)
 
 
 def open_prefixed(reader) -> tuple[TextView, Wrapper] | None:
