@@ -164,6 +164,48 @@ class Fp8(StoredForm):
         return [(name, self.data), (name + "_scale_inv", self.scale_inv)]
 
 
+class Fp8Tensor(StoredForm):
+    """Mistral's FP8: float8 data [rows, cols] with one float32 scale for the whole tensor (or one per row) and,
+    for static activation FP8, the input's scale: any row / column slice keeps it (the same scales)."""
+
+    __slots__ = ("scale_shape",)
+
+    def __init__(self, base, shape: tuple[int, int], dtypes: tuple, scale_shape: tuple):
+        super().__init__(base, None, 1.0, tuple(shape), dtypes)
+        self.scale_shape = tuple(scale_shape)
+
+    def _copy_from(self, other) -> None:
+        self.scale_shape = other.scale_shape
+
+    def grid(self):
+        return (1, 1)
+
+    def part_ranges(self, i: int) -> tuple:
+        if i == 0:
+            return self.ranges
+        shape = self.scale_shape if i == 1 else ()
+        if i == 1 and len(shape) and shape[0] == self.full[0] and self.full[0] > 1:  # one scale per row
+            return ((self.ranges[0]),) + tuple((0, n) for n in shape[1:])
+        return tuple((0, n) for n in shape)
+
+    def scale_part(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * self.factor).to(t.dtype)
+
+    def planned(self, name: str) -> list[tuple[str, "Lazy"]]:
+        """Mistral's names: X.weight (float8), X.qscale_weight, X.qscale_act (when the source had it)."""
+        base = name[: -len("weight")]
+        out = [(name, self._part(0)), (base + "qscale_weight", self._part(1))]
+        if len(self.base) > 2:
+            act = _resolve(self.base[2])
+            out.append((base + "qscale_act", act))
+        return out
+
+    def _part(self, i: int) -> "Lazy":
+        if i == 2:
+            return _resolve(self.base[2])
+        return super()._part(i)
+
+
 class Fp4(StoredForm):
     """FP4 e2m1 rows (DeepSeek-V4's routed experts): int8 data [rows, cols / 2], two values a byte (the even column in
     the low nibble), and an E8M0 scale per row per 32 columns [rows, cols / 32]."""

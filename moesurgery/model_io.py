@@ -112,7 +112,8 @@ def _open_native(source: ResolvedSource) -> Opened:
     if quantization:
         if not isinstance(quantization, dict) or quantization.get("qformat_weight") != "fp8_e4m3":
             raise BadInputError(f"params.json: quantization {quantization!r} is not supported (only Mistral's per-tensor fp8_e4m3)")
-        notes.append("per-tensor FP8 weights (qscale_weight) read dequantized to bf16; static activation scales (qscale_act) dropped")
+        notes.append("per-tensor FP8 weights (qscale_weight) read dequantized to bf16 (their stored bytes, qscale_act included, are "
+                     "kept for an FP8 output in Mistral's format)")
     layout = layout_for_config(cfg)
     reader = CheckpointReader(source.path, stem=native.STEM, fp8_per_tensor=bool(quantization))
     stray = next((k for k in reader.keys() if reader.info(k).dtype in fp8.FP8_DTYPES), None)
@@ -144,8 +145,11 @@ def output_tensors(model: Model, layout: Layout, fmt: str = "auto") -> tuple[dic
     if output_format(model, layout, fmt) == "native":
         config = layout.write_config(model)
         form = model.native or native.NativeForm({})
-        tensors = form.tensors(layout.tensors(model, fused=False), config)
-        return native.params_of(config, form.params), tensors, ["written in Mistral's format (params.json, consolidated*.safetensors)"]
+        tensors, note = form.tensors(layout.tensors(model, fused=False), config)
+        params = native.params_of(config, form.params)
+        if form.kept_fp8:
+            params["quantization"] = form.params["quantization"]
+        return params, tensors, ["written in Mistral's format (params.json, consolidated*.safetensors)"] + ([note] if note else [])
     if model.native is not None and model.native.passthrough:
         raise BadInputError(f"the vision encoder of a Mistral-format checkpoint ({len(model.native.passthrough)} tensors) is written only in "
                             "Mistral's format: leave --format at auto (or native)")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from . import fp8, int4, mxfp4
 from .errors import BadInputError
-from .lazy import Call, Fp4, Fp8, Lazy
+from .lazy import Call, Fp4, Fp8, Fp8Tensor, Lazy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -137,6 +137,7 @@ class CheckpointReader:
         self.fp8_per_tensor = fp8_per_tensor  # Mistral's format: float8 X.weight times the scalar X.qscale_weight
         self.fp4_on = fp4_on  # DeepSeek-V4's FP4 experts: int8 X.weight [N, K/2] + E8M0 X.scale [N, K/32]
         self.fp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # weight key -> (data, scale) as stored
+        self.act_scales: dict[str, TensorInfo] = {}  # Mistral FP8 weight key -> its X.qscale_act
         index_path = self.directory / self.index_name
         single = self.directory / f"{stem}.safetensors"
         if index_path.exists():
@@ -284,6 +285,9 @@ class CheckpointReader:
             self.fp8_data[key] = info
             self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, info.shape[0] * info.shape[1] * fp8.DEQUANT_DTYPE.itemsize)
             del self.tensors[scale_key]
+            act = self.tensors.get(key[: -len("weight")] + "qscale_act")
+            if act is not None:  # static activation FP8: kept with the weight's stored form
+                self.act_scales[key] = act
 
     def _dequantize(self, key: str, w8: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
         if self.fp8_per_tensor:
@@ -469,7 +473,15 @@ class CheckpointReader:
             p, sc, sh = self.int4[key]
             return int4.Int4(Call(CheckpointReader._stored, self, p), Call(CheckpointReader._stored, self, sc), self.int4_group, sh.dtype, self.tensors[key].shape,
                              (p.dtype, sc.dtype))
-        if key not in self.scales or self.fp8_per_tensor:  # Mistral's per-tensor FP8 is written as bf16
+        if key in self.scales and self.fp8_per_tensor:  # Mistral's: float8 data, its scale(s), the activation scale
+            data, scale = self.fp8_data[key], self.scales[key]
+            base = [Call(CheckpointReader._stored, self, data), Call(CheckpointReader._stored, self, scale)]
+            dtypes = [data.dtype, scale.dtype]
+            if key in self.act_scales:
+                base.append(Call(CheckpointReader._stored, self, self.act_scales[key]))
+                dtypes.append(self.act_scales[key].dtype)
+            return Fp8Tensor(tuple(base), data.shape, tuple(dtypes), scale.shape)
+        if key not in self.scales:
             return None
         data, scale = self.fp8_data[key], self.scales[key]
         return Fp8.stored(Call(CheckpointReader._stored, self, data), Call(CheckpointReader._stored, self, scale), self.fp8_block, data.shape,

@@ -131,8 +131,6 @@ def make_native(kind: str, root: Path, seed: int = 0, fp8: bool = False, vision:
         if kind != "large3" and proj in heads:
             w = _to_pairs(w, heads[proj])
         if fp8 and w.dim() == 2 and "embed" not in name and "lm_head" not in name and not name.endswith("gate.weight"):
-            if name not in disk:
-                raise AssertionError(f"{name}: fused on disk, no dequantized reference written")
             w8, scale = _fp8(w)
             tensors[out], tensors[out[: -len("weight")] + "qscale_weight"] = w8, scale
             tensors[out[: -len("weight")] + "qscale_act"] = torch.tensor(1.0)
@@ -150,8 +148,19 @@ def make_native(kind: str, root: Path, seed: int = 0, fp8: bool = False, vision:
     save_file(tensors, str(native / "consolidated.safetensors"), metadata={"format": "pt"})
     (native / "params.json").write_text(json.dumps(params, indent=2))
     (native / "tekken.json").write_text(json.dumps({"config": {"pattern": "stand-in"}, "vocab": []}))
-    if dequantized:  # the reference computes with the weights the FP8 encodes
-        save_file({**disk, **dequantized}, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    if dequantized:  # the reference computes with the weights the FP8 encodes (fused experts fused again)
+        ref = {k: dequantized.get(k, v) for k, v in disk.items()}
+        for key in disk:
+            m = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", key)
+            if m is None:
+                continue
+            E = disk[key].shape[0]
+            if m.group(2) == "gate_up_proj":
+                ref[key] = torch.stack([torch.cat([dequantized[f"{m.group(1)}.{e}.gate_proj.weight"], dequantized[f"{m.group(1)}.{e}.up_proj.weight"]])
+                                        for e in range(E)]).to(disk[key].dtype)
+            else:
+                ref[key] = torch.stack([dequantized[f"{m.group(1)}.{e}.down_proj.weight"] for e in range(E)]).to(disk[key].dtype)
+        save_file(ref, str(hf / "model.safetensors"), metadata={"format": "pt"})
     return native, hf
 
 

@@ -129,7 +129,7 @@ def test_mixtral_native_to_qwen2_moe_finer(native, ids, tmp_path):
     assert rel_err(hf_logits(tmp_path / "out", ids), hf_logits(hf, ids)) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+@pytest.mark.parametrize("kind", ["mistral", "mixtral", "large3"])
 def test_per_tensor_fp8_read_dequantized(native, ids, tmp_path, kind):
     path, hf = native(kind, fp8=True)
     opened = open_model(path)
@@ -208,3 +208,30 @@ def test_serving_warnings_name_the_format(native, tmp_path):
     report = convert(path, tmp_path / "out", "mixtral", dry_run=True)
     assert any("Mistral's format" in w for w in report["serving"]) and any("--format hf" in w for w in report["serving"])
     assert not any("Mistral's format" in w for w in convert(path, tmp_path / "out", "mixtral", fmt="hf", dry_run=True)["serving"])
+
+
+def test_large3_fp8_kept_natively_byte_for_byte(native, tmp_path):
+    path, _ = native("large3", fp8=True)
+    report = convert(path, tmp_path / "out", "mistral4")
+    assert any("written as per-tensor FP8 like the source" in n for n in report["notes"]), report["notes"]
+    a, b = stored(path, "consolidated"), stored(tmp_path / "out", "consolidated")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k][:2] == b[k][:2] and torch.equal(a[k][2], b[k][2]), k
+    assert json.loads((tmp_path / "out" / "params.json").read_text())["quantization"]["qformat_weight"] == "fp8_e4m3"
+
+
+def test_large3_fp8_finer_experts_stay_fp8_and_exact(native, ids, tmp_path):
+    path, hf = native("large3", fp8=True)
+    report = split_experts(path, tmp_path / "fine", granularity=2)
+    assert report["verdict"] == "exact" and any("per-tensor FP8 like the source" in n for n in report["notes"]), report["notes"]
+    r = CheckpointReader(tmp_path / "fine", stem="consolidated")
+    assert r.info("layers.1.experts.15.w1.weight").dtype == torch.float8_e4m3fn and "layers.1.experts.15.w1.qscale_weight" in r
+    assert rel_err(Runtime(open_model(tmp_path / "fine").model).forward(ids), hf_logits(hf, ids)) < 1e-5
+
+
+def test_gqa_fp8_written_natively_in_bf16_with_the_reason(native, tmp_path):
+    path, _ = native("mixtral", fp8=True)
+    report = convert(path, tmp_path / "out", "mixtral")
+    assert any("written in bf16" in n and "permuted" in n for n in report["notes"]), report["notes"]
+    assert "quantization" not in json.loads((tmp_path / "out" / "params.json").read_text())
