@@ -263,3 +263,18 @@ def test_perplexity_equals_transformers(v4):
     ours = verify(path, path, text=text, batch=1, seq_len=37)["perplexity"]["reference"]
     ids = tokens.reshape(1, -1)
     assert ours == pytest.approx(ppl(dsv4_logits(path, ids)), rel=1e-5)
+
+
+def test_hash_table_naming_a_missing_expert_refused(v4, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(v4(), tmp_path / "bad")
+    (shard,) = sorted((tmp_path / "bad").glob("*.safetensors"))
+    state = load_file(str(shard))
+    key = next(k for k in state if k.endswith("tid2eid"))
+    state[key][3, 0] = 99
+    save_file(state, str(shard))
+    with pytest.raises(BadInputError, match="routed to expert 99, but the layer has 4 experts"):
+        Runtime(open_model(tmp_path / "bad").model).forward(torch.zeros(1, 4, dtype=torch.long))

@@ -64,9 +64,20 @@ def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
         gate_up=gate_up,
         down=down,
         shared=load_swiglu(ffn.shared, device, dtype, ffn.shared_act) if ffn.shared is not None else None,
-        hash_table=r.hash_table.load().to(device=device, dtype=torch.int64) if r.hash_table is not None else None,
+        hash_table=_hash_table(r.hash_table, E, device) if r.hash_table is not None else None,
         shared_gate=_load(ffn.shared_gate, device, dtype) if ffn.shared_gate is not None else None,
     )
+
+
+def _hash_table(t: Lazy, experts: int, device) -> torch.Tensor:
+    """A hash layer's token -> experts table [V, k], checked: every entry names one of the layer's experts."""
+    table = t.load().to(dtype=torch.int64)
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= experts):
+        from ..errors import BadInputError
+
+        bad = int(table.max()) if int(table.max()) >= experts else int(table.min())
+        raise BadInputError(f"{t.origin or 'tid2eid'}: a token is routed to expert {bad}, but the layer has {experts} experts")
+    return table.to(device)
 
 
 def cat_bias(a: Lazy, b: Lazy) -> Lazy:
