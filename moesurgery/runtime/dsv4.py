@@ -12,8 +12,8 @@ raw keys plus compressed entries (HCA: one per 128 tokens; CSA: one per 4 tokens
 8-token windows, chosen per query by the lightning indexer's top-k), a sink logit per head, the
 output rotated back, then the grouped low-rank output projection (o_a per group, o_b).
 
-Decode keeps each layer's past attention inputs and recomputes the layer over them (exact, O(T) per
-step: a reference, not a serving kernel).
+Decode keeps each layer's past attention inputs: a step projects keys and compressed entries over them
+again and attends from the new positions only (exact; O(T) work per step, a reference, not a serving kernel).
 """
 
 from __future__ import annotations
@@ -28,17 +28,23 @@ from .model import LoadedLayer, Runtime, _load, ffn_forward
 from .rope import inv_freq_and_scale
 
 
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """t in the accumulation dtype: fp32 as transformers computes these steps (fp64 in an fp64 run)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     """transformers' DeepseekV4 RMSNorm (w None: the unweighted one)."""
-    x32 = x.float()
+    x32 = acc(x)
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * w.float() if w is not None else y).to(x.dtype)
+    return (y * w.to(y.dtype) if w is not None else y).to(x.dtype)
 
 
 def hc_weights(h: torch.Tensor, fn, base, scale, N: int, iters: int, hc_eps: float, eps: float):
     """h [B, T, N, H] -> pre [B, T, N], post [B, T, N], comb [B, T, N, N] (fp32)."""
     B, T = h.shape[:2]
-    mix = rms(h.reshape(B, T, -1).float(), None, eps) @ fn.float().T  # [B, T, (2 + N) N]
+    flat = acc(h.reshape(B, T, -1))
+    mix = rms(flat, None, eps) @ fn.to(flat.dtype).T  # [B, T, (2 + N) N]
     pre = torch.sigmoid(mix[..., :N] * scale[0] + base[:N]) + hc_eps
     post = 2 * torch.sigmoid(mix[..., N : 2 * N] * scale[1] + base[N : 2 * N])
     comb = torch.softmax(mix[..., 2 * N :].view(B, T, N, N) * scale[2] + base[2 * N :].view(N, N), -1) + hc_eps
@@ -68,11 +74,11 @@ class DeepseekV4Runtime(Runtime):
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor, table: str, inverse: bool = False) -> torch.Tensor:
         """Interleaved pairs (2i, 2i+1) of the trailing `rot` channels of x [..., S, D], at positions pos [S]."""
-        ang = pos.float()[:, None] * self.inv_freq(table)[None, :]  # [S, rot/2]
-        c, s = ang.cos().to(x.dtype).float(), ang.sin().to(x.dtype).float()
+        ang = pos.float()[:, None] * self.inv_freq(table)[None, :]  # [S, rot/2] (fp32, as transformers' table)
+        c, s = acc(ang.cos().to(x.dtype)), acc(ang.sin().to(x.dtype))
         if inverse:
             s = -s
-        r = x[..., -self.rot :].float()
+        r = acc(x[..., -self.rot :])
         a, b = r[..., 0::2], r[..., 1::2]
         out = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
         return torch.cat([x[..., : -self.rot], out.to(x.dtype)], -1)
@@ -87,10 +93,10 @@ class DeepseekV4Runtime(Runtime):
 
     def _hc(self, x, layer: LoadedLayer, which: str):
         a, eps = layer.attn, self.arch.rms_norm_eps
-        return hc_weights(x, a[f"{which}_hc.fn"], a[f"{which}_hc.base"].float(), a[f"{which}_hc.scale"].float(), self.N, self.iters, self.hc_eps, eps)
+        return hc_weights(x, a[f"{which}_hc.fn"], acc(a[f"{which}_hc.base"]), acc(a[f"{which}_hc.scale"]), self.N, self.iters, self.hc_eps, eps)
 
     def _collapse(self, x, pre):
-        return (pre[..., None] * x.float()).sum(-2).to(x.dtype)  # [..., N, H] -> [..., H]
+        return (pre[..., None] * acc(x)).sum(-2).to(x.dtype)  # [..., N, H] -> [..., H]
 
     def _mix(self, x, post, comb, out):
         dt = x.dtype
@@ -98,8 +104,8 @@ class DeepseekV4Runtime(Runtime):
 
     def head(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # [..., N, H] -> [..., V]
         e, eps = self.model.extras, self.arch.rms_norm_eps
-        fn, base, scale = (_load(e[f"model.hc_head.hc_{p}"], self.device, torch.float32) for p in ("fn", "base", "scale"))
-        flat = x.reshape(*x.shape[:-2], -1).float()  # [..., N * H]
+        fn, base, scale = (_load(e[f"model.hc_head.hc_{p}"], self.device, torch.promote_types(self.dtype, torch.float32)) for p in ("fn", "base", "scale"))
+        flat = acc(x.reshape(*x.shape[:-2], -1))  # [..., N * H]
         pre = torch.sigmoid(rms(flat, None, eps) @ fn.T * scale + base) + self.hc_eps
         return super().head(self._collapse(x, pre), weight)
 
@@ -112,7 +118,7 @@ class DeepseekV4Runtime(Runtime):
         h = self.norm(self._collapse(x, pre), layer.attn["input_layernorm.weight"])  # [B, T, H]
         past = cache["x"] if cache else None
         full = h if past is None else torch.cat([past, h], 1)  # every input the layer has seen
-        out = torch.stack([self.attend(full[b], layer) for b in range(full.shape[0])])[:, -h.shape[1] :]
+        out = torch.stack([self.attend(full[b], layer, h.shape[1]) for b in range(full.shape[0])])  # the new positions
         return self._mix(x, post, comb, out), {"x": full, "len": full.shape[1]}
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
@@ -129,37 +135,40 @@ class DeepseekV4Runtime(Runtime):
         return self.ffn_output(x, layer, ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend, ids=ids)), cache
 
     # ---- attention over one sequence -------------------------------------------------------
-    def attend(self, x: torch.Tensor, layer: LoadedLayer) -> torch.Tensor:
-        """x [S, H] (normed) -> [S, H]: the whole sequence from position 0."""
+    def attend(self, x: torch.Tensor, layer: LoadedLayer, queries: int | None = None) -> torch.Tensor:
+        """x [S, H] (normed, the whole sequence from position 0) -> [Q, H]: the output at its last Q = `queries`
+        positions (all by default; decode asks for the new ones: keys and compressed entries over all S)."""
         a, arch, d, eps = layer.attn, self.arch, self.arch.dsv4, self.arch.rms_norm_eps
         kind = arch.layer_types[layer.index]
         table = "main" if kind == "sliding_attention" else "compress"
         S, Hq, D = x.shape[0], arch.num_heads, arch.head_dim
-        pos = torch.arange(S, device=x.device)
-        qr = rms(x @ a["self_attn.q_a_proj.weight"].T, a["self_attn.q_a_norm.weight"], eps)  # [S, q_lora]
-        q = (qr @ a["self_attn.q_b_proj.weight"].T).view(S, Hq, D).transpose(0, 1)  # [Hq, S, D]
-        q = self.rotate(rms(q, None, eps), pos, table)
+        Q = S if queries is None else queries
+        pos, qpos = torch.arange(S, device=x.device), torch.arange(S - Q, S, device=x.device)
+        xq = x[S - Q :]
+        qr = rms(xq @ a["self_attn.q_a_proj.weight"].T, a["self_attn.q_a_norm.weight"], eps)  # [Q, q_lora]
+        q = (qr @ a["self_attn.q_b_proj.weight"].T).view(Q, Hq, D).transpose(0, 1)  # [Hq, Q, D]
+        q = self.rotate(rms(q, None, eps), qpos, table)
         kv = self.rotate(rms(x @ a["self_attn.kv_proj.weight"].T, a["self_attn.kv_norm.weight"], eps), pos, table)  # [S, D]
-        i, j = pos[:, None], pos[None, :]
-        bias = torch.zeros(S, S, device=x.device, dtype=torch.float32).masked_fill(~((j <= i) & (j > i - arch.sliding_window)), -math.inf)
+        i, j = qpos[:, None], pos[None, :]
+        bias = torch.zeros(Q, S, device=x.device, dtype=torch.float32).masked_fill(~((j <= i) & (j > i - arch.sliding_window)), -math.inf)
         keys = kv
         if kind != "sliding_attention":
             m = d["compress_rates"][kind]
             csa = kind == "compressed_sparse_attention"
             entries = self.compress(x, a, "self_attn.compressor.", m, D, csa)  # [W, D]
             W = entries.shape[0]
-            usable = torch.arange(W, device=x.device)[None, :] < ((pos + 1) // m)[:, None]  # [S, W]: whole window seen
+            usable = torch.arange(W, device=x.device)[None, :] < ((qpos + 1) // m)[:, None]  # [Q, W]: whole window seen
             if csa and W > 0:
-                usable = usable & self.index(x, qr, a, pos, usable, m)
+                usable = usable & self.index(x, xq, qr, a, qpos, usable, m)
             keys = torch.cat([kv, entries], 0)
-            bias = torch.cat([bias, torch.zeros(S, W, device=x.device).masked_fill(~usable, -math.inf)], 1)
-        logits = (q @ keys.T).float() * D**-0.5 + bias  # [Hq, S, K]
-        sinks = a["self_attn.sinks"].float().view(Hq, 1, 1).expand(Hq, S, 1)
+            bias = torch.cat([bias, torch.zeros(Q, W, device=x.device).masked_fill(~usable, -math.inf)], 1)
+        logits = acc(q @ keys.T) * D**-0.5 + bias  # [Hq, Q, K]
+        sinks = a["self_attn.sinks"].to(logits.dtype).view(Hq, 1, 1).expand(Hq, Q, 1)
         p = torch.softmax(torch.cat([logits, sinks], -1), -1)[..., :-1].to(x.dtype)
-        o = self.rotate(p @ keys, pos, table, inverse=True).transpose(0, 1)  # [S, Hq, D]
+        o = self.rotate(p @ keys, qpos, table, inverse=True).transpose(0, 1)  # [Q, Hq, D]
         G, r = d["o_groups"], d["o_lora_rank"]
         wa = a["self_attn.o_a_proj.weight"].view(G, r, Hq * D // G)
-        z = torch.einsum("sgi,gri->sgr", o.reshape(S, G, Hq * D // G), wa).reshape(S, G * r)
+        z = torch.einsum("sgi,gri->sgr", o.reshape(Q, G, Hq * D // G), wa).reshape(Q, G * r)
         return z @ a["self_attn.o_b_proj.weight"].T
 
     def compress(self, x, a, p: str, m: int, dim: int, overlap: bool) -> torch.Tensor:
@@ -176,20 +185,21 @@ class DeepseekV4Runtime(Runtime):
             KV[:, m:], Gt[:, m:] = kv[..., dim:], g[..., dim:]
             KV[1:, :m], Gt[1:, :m] = kv[:-1, :, :dim], g[:-1, :, :dim]
             kv, g = KV, Gt
-        e = (kv * torch.softmax(g.float(), 1).to(kv.dtype)).sum(1)
+        e = (kv * torch.softmax(acc(g), 1).to(kv.dtype)).sum(1)
         e = rms(e, a[p + "kv_norm.weight"], self.arch.rms_norm_eps)
         return self.rotate(e, torch.arange(nw, device=x.device) * m, "compress")
 
-    def index(self, x, qr, a, pos, usable, m: int) -> torch.Tensor:
-        """The lightning indexer's choice [S, W] of compressed entries per query (top-k of its scores among the usable)."""
+    def index(self, x, xq, qr, a, qpos, usable, m: int) -> torch.Tensor:
+        """The lightning indexer's choice [Q, W] of compressed entries (over all of x [S, H]) per query (xq, qr at
+        positions qpos): the top-k of its scores among the usable."""
         d = self.arch.dsv4
         p = "self_attn.compressor.indexer."
         nh, hd = d["index_n_heads"], d["index_head_dim"]
         keys = self.compress(x, a, p, m, hd, True)  # [W, hd]
-        S = x.shape[0]
-        q = self.rotate((qr @ a[p + "q_b_proj.weight"].T).view(S, nh, hd).transpose(0, 1), pos, "compress")  # [nh, S, hd]
-        scores = F.relu((q @ keys.T).float()) * hd**-0.5  # [nh, S, W]
-        w = (x @ a[p + "scorer.weights_proj.weight"].T).float() * nh**-0.5  # [S, nh]
-        score = (scores * w.T[:, :, None]).sum(0).masked_fill(~usable, -math.inf)  # [S, W]
+        Q = xq.shape[0]
+        q = self.rotate((qr @ a[p + "q_b_proj.weight"].T).view(Q, nh, hd).transpose(0, 1), qpos, "compress")  # [nh, Q, hd]
+        scores = F.relu(acc(q @ keys.T)) * hd**-0.5  # [nh, Q, W]
+        w = acc(xq @ a[p + "scorer.weights_proj.weight"].T) * nh**-0.5  # [Q, nh]
+        score = (scores * w.T[:, :, None]).sum(0).masked_fill(~usable, -math.inf)  # [Q, W]
         top = score.topk(min(d["index_topk"], score.shape[1]), -1).indices
         return torch.zeros_like(usable).scatter_(1, top, True)
