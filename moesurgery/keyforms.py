@@ -62,7 +62,7 @@ class KeyForm:
         return rename(name, self.to_disk_names) or name
 
     def view(self, reader) -> "RenamedView":
-        return RenamedView(reader, {self.layout_name(k): k for k in reader.keys()})
+        return RenamedView(reader, {self.layout_name(k): k for k in reader.keys()}, self.disk_name)
 
     def to_disk(self, planned: list) -> list:
         from .writer import PlannedTensor
@@ -73,8 +73,9 @@ class KeyForm:
 class RenamedView:
     """A reader under other names: {layout name: disk name}."""
 
-    def __init__(self, reader, names: dict[str, str]):
+    def __init__(self, reader, names: dict[str, str], disk_name=None):
         self.reader, self._names = reader, names
+        self._disk_name = disk_name  # the disk name of a layout name the checkpoint lacks (what an error names)
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -83,7 +84,9 @@ class RenamedView:
         return list(self._names)
 
     def disk(self, name: str) -> str:
-        return self._names.get(name, name)
+        if name in self._names:
+            return self._names[name]
+        return self._disk_name(name) if self._disk_name is not None else name
 
     def info(self, name: str):
         return self.reader.info(self.disk(name))

@@ -277,7 +277,7 @@ class NativeView(RenamedView):
                 self.vision.append(key)
             elif not ACT_SCALES.fullmatch(key):
                 names[rename(key, TO_HF) or key] = key  # an unknown name stays as it is (the layouts name it)
-        super().__init__(reader, names)
+        super().__init__(reader, names, lambda name: rename(name, TO_NATIVE) or name)
 
     def lazy(self, name: str) -> Lazy:
         t = self.reader.lazy(self.disk(name))
