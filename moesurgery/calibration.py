@@ -13,7 +13,7 @@ from .runtime.model import Runtime, ffn_forward, load_ffn
 
 
 def tokenize(source_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
-    """Token ids [N] of `text` with the checkpoint's tokenizer.json (UTF-8 bytes without one)."""
+    """Token ids [N] of `text` with the checkpoint's tokenizer.json, or Mistral's tekken.json (UTF-8 bytes without either)."""
     tok = Path(source_dir) / "tokenizer.json"
     if tok.exists():
         try:
@@ -22,6 +22,13 @@ def tokenize(source_dir: Path, text: str, vocab_size: int) -> torch.Tensor:
             return torch.tensor(Tokenizer.from_file(str(tok)).encode(text).ids)
         except ImportError:
             pass
+    tekken = Path(source_dir) / "tekken.json"
+    if tekken.exists():  # Mistral's own tokenizer (checkpoints in Mistral's format)
+        from .tekken import encode
+
+        ids = encode(tekken, text)
+        if ids is not None:
+            return torch.tensor(ids)
     return torch.tensor([b % vocab_size for b in text.encode()])
 
 

@@ -57,6 +57,13 @@ def tokenize_text(opened: Opened, text: str) -> tuple[list[int], str]:
             return Tokenizer.from_file(str(tok_file)).encode(text).ids, "tokenizer.json"
         except ImportError:
             pass
+    tekken = opened.source.path / "tekken.json"
+    if tekken.exists():  # Mistral's own tokenizer (checkpoints in Mistral's format)
+        from .tekken import encode
+
+        ids = encode(tekken, text)
+        if ids is not None:
+            return ids, "tekken.json"
     vocab = opened.model.arch.vocab_size
     return [b % vocab for b in text.encode()], "utf-8 bytes (no tokenizer.json or `tokenizers` not installed)"
 
