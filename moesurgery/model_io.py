@@ -145,9 +145,9 @@ def output_tensors(model: Model, layout: Layout, fmt: str = "auto") -> tuple[dic
     if output_format(model, layout, fmt) == "native":
         config = layout.write_config(model)
         form = model.native or native.NativeForm({})
-        tensors, note = form.tensors(layout.tensors(model, fused=False), config)
+        tensors, kept_fp8, note = form.tensors(layout.tensors(model, fused=False), config)
         params = native.params_of(config, form.params)
-        if form.kept_fp8:
+        if kept_fp8:
             params["quantization"] = form.params["quantization"]
         return params, tensors, ["written in Mistral's format (params.json, consolidated*.safetensors)"] + ([note] if note else [])
     if model.native is not None and model.native.passthrough:

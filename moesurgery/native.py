@@ -286,9 +286,7 @@ class NativeView(RenamedView):
 
 
 def _rows(t: Lazy, index: torch.Tensor) -> Lazy:
-    out = t.index_select(0, index)
-    out.origin = None
-    return out
+    return t.index_select(0, index)
 
 
 # the linear weights Mistral's FP8 checkpoints quantize (not embeddings, output, router gate, norms)
@@ -301,11 +299,10 @@ class NativeForm:
 
     params: dict
     passthrough: dict[str, Lazy] = field(default_factory=dict)  # vision encoder / adapter, as stored
-    kept_fp8: bool = False  # the last planned output keeps the source's FP8
 
-    def tensors(self, planned: list, cfg: dict) -> tuple[list, str | None]:
+    def tensors(self, planned: list, cfg: dict) -> tuple[list, bool, str | None]:
         """(the planned transformers tensors under their native names (q/k rows back in pair order) plus the
-        pass-through, a note): FP8 again (data, qscale_weight, qscale_act) when the source was and every linear
+        pass-through, whether they are the source's FP8, a note): FP8 again (data, qscale_weight, qscale_act) when the source was and every linear
         weight is still a slice of one of its FP8 weights (or scaled: the scale absorbs it), else bf16."""
         from .lazy import Fp8Tensor
         from .writer import PlannedTensor
@@ -317,19 +314,17 @@ class NativeForm:
                 raise BadInputError(f"{t.name} has no name in Mistral's format (write with --format hf)")
             rows = _permuted_rows(t.name, cfg)
             out.append(PlannedTensor(name, t.tensor if rows is None else _rows(t.tensor, torch.argsort(rows))))
-        note = None
+        note, kept = None, False
         if self.params.get("quantization"):
             lost = [t.name for t in out if FP8_WEIGHT.fullmatch(t.name) and not isinstance(t.tensor.form, Fp8Tensor)]
             if lost:
                 more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
                 note = (f"written in bf16 (the per-tensor FP8 source is dequantized): {lost[0]}{more} is not a slice of an FP8 weight "
                         "(GQA q/k rows are permuted back; a computed tensor)")
-                self.kept_fp8 = False
             else:
                 out = [PlannedTensor(n, v) for t in out for n, v in (t.tensor.form.planned(t.name) if FP8_WEIGHT.fullmatch(t.name) else [(t.name, t.tensor)])]
-                note = "written as per-tensor FP8 like the source (the same float8 bytes and scales, its quantization)"
-                self.kept_fp8 = True
-        return out + [PlannedTensor(k, v) for k, v in self.passthrough.items()], note
+                note, kept = "written as per-tensor FP8 like the source (the same float8 bytes and scales, its quantization)", True
+        return out + [PlannedTensor(k, v) for k, v in self.passthrough.items()], kept, note
 
 
 def open_native(reader, cfg: dict, params: dict) -> tuple[NativeView, NativeForm]:

@@ -206,7 +206,7 @@ def write_native_skeleton(params: dict, path: Path, dtype: torch.dtype = torch.b
 
     cfg = native.hf_config(params)
     model = skeleton(cfg, dtype)
-    tensors, _ = native.NativeForm({}).tensors(layout_for_config(cfg).tensors(model, fused=False), cfg)
+    tensors, _, _ = native.NativeForm({}).tensors(layout_for_config(cfg).tensors(model, fused=False), cfg)
     if params.get("quantization"):  # float8 weights, one scale per tensor
         out = []
         for p in tensors:

@@ -83,6 +83,14 @@ def read_rope(cfg: dict, default_theta: float, default_partial: float) -> tuple[
     return theta, scaling or None, partial
 
 
+def layer_kinds(types, n: int, kinds: tuple, field: str = "layer_types") -> list:
+    """A per-layer list from config.json (`field`), checked: n entries, each one of `kinds`."""
+    types = list(types) if isinstance(types, (list, tuple)) else types
+    if not isinstance(types, list) or len(types) != n or set(types) - set(kinds):
+        raise BadInputError(f"config.json: {field} must list {n} layers of {' / '.join(kinds)}")
+    return types
+
+
 def router_settings(num_experts: int, top_k: int, scoring: str = "softmax", renormalize: bool = True, **settings) -> Router:
     """A config's router settings; its weight is a placeholder that `read_moe` replaces per layer."""
     return Router(Lazy.zeros((num_experts, 1), torch.float32), top_k, scoring, renormalize, **settings)

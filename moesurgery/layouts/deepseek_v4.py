@@ -23,7 +23,7 @@ import re
 from ..canonical import Activation
 from ..errors import BadInputError
 from ..keyforms import KeyForm, prefixed
-from .base import Layout, MoESpec, get_float, get_int, need_int, router_settings
+from .base import Layout, MoESpec, get_float, get_int, layer_kinds, need_int, router_settings
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 COMPRESS_RATIO_TYPES = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
@@ -84,10 +84,7 @@ def layer_types(cfg: dict, n: int) -> list[str]:
     if types is None:
         types = ["heavily_compressed_attention"] * min(n, 2) + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
                                                                 for i in range(max(n - 2, 0))]
-    types = list(types)[:n]
-    if len(types) != n or set(types) - set(LAYER_TYPES):
-        raise BadInputError(f"config.json: layer_types must list {n} layers of {', '.join(LAYER_TYPES)}")
-    return types
+    return layer_kinds(list(types)[:n], n, LAYER_TYPES)
 
 
 def mlp_layer_types(cfg: dict, n: int) -> list[str]:
@@ -95,10 +92,7 @@ def mlp_layer_types(cfg: dict, n: int) -> list[str]:
     if types is None:
         hashed = get_int(cfg, "num_hash_layers", 3)
         types = ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
-    types = list(types)[:n]
-    if len(types) != n or set(types) - set(MLP_TYPES):
-        raise BadInputError(f"config.json: mlp_layer_types must list {n} layers of hash_moe / moe")
-    return types
+    return layer_kinds(list(types)[:n], n, MLP_TYPES, "mlp_layer_types")
 
 
 def rope_tables(cfg: dict, prf: float) -> dict:

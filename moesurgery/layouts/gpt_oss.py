@@ -6,8 +6,7 @@ g = gate.clamp(max=limit); attention with q/k/v/o biases and a learned sink logi
 sliding-window and full layers alternating (`layer_types`), YaRN rope. MXFP4 releases are read dequantized."""
 
 from ..canonical import Activation
-from ..errors import BadInputError
-from .base import Layout, MoESpec, get_float, need_int, router_settings
+from .base import Layout, MoESpec, get_float, layer_kinds, need_int, router_settings
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -37,9 +36,7 @@ class GptOss(Layout):
         arch = super().read_arch(cfg)
         n = arch.num_layers
         types = cfg.get("layer_types") or [LAYER_TYPES[(i + 1) % 2 == 0] for i in range(n)]
-        if len(types) != n or set(types) - set(LAYER_TYPES):
-            raise BadInputError(f"config.json: layer_types must list {n} layers of sliding_attention / full_attention")
-        arch.layer_types = list(types)
+        arch.layer_types = layer_kinds(types, n, LAYER_TYPES)
         arch.sinks = True
         return arch
 

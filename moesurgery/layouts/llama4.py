@@ -10,7 +10,7 @@ The shared expert has the experts' width, one `intermediate_size`: finer experts
 expert than Llama 4 can hold, so they are refused (pruning and merging keep the width)."""
 
 from ..errors import BadInputError
-from .base import Layout, MoESpec, get_float, get_int, need_int, router_settings
+from .base import Layout, MoESpec, get_float, get_int, layer_kinds, need_int, router_settings
 
 
 class Llama4(Layout):
@@ -45,9 +45,7 @@ class Llama4(Layout):
         arch.rope_layers = [bool(r) for r in rope]
         chunk = get_int(cfg, "attention_chunk_size", 8192)
         types = cfg.get("layer_types") or [("chunked_attention" if r and chunk else "full_attention") for r in arch.rope_layers]
-        if len(types) != n or set(types) - {"chunked_attention", "full_attention"}:
-            raise BadInputError(f"config.json: layer_types must list {n} layers of chunked_attention / full_attention")
-        arch.layer_types, arch.attention_chunk = list(types), chunk or None
+        arch.layer_types, arch.attention_chunk = layer_kinds(types, n, ("chunked_attention", "full_attention")), chunk or None
         arch.qk_l2 = bool(cfg.get("use_qk_norm", True))
         if cfg.get("attn_temperature_tuning", True):  # Scout / Maverick configs say 4: any true value turns it on
             arch.attn_temperature = (get_float(cfg, "floor_scale", 8192.0), get_float(cfg, "attn_scale", 0.1))

@@ -4,7 +4,7 @@ norm_topk_prob, a sigmoid-gated shared expert), dense layers from mlp_only_layer
 The attention tensors (linear_attn.*, self_attn.*) pass through untouched; the runtime computes both kinds."""
 
 from ..errors import BadInputError
-from .base import Layout, MoESpec, get_int, need_int, router_settings
+from .base import Layout, MoESpec, get_int, layer_kinds, need_int, router_settings
 from .qwen2_moe import qwen_moe_config
 
 
@@ -15,9 +15,7 @@ def read_hybrid(layout, cfg, arch):
     if types is None:
         interval = get_int(cfg, "full_attention_interval", 4) or 4
         types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
-    if len(types) != n or set(types) - {"full_attention", "linear_attention"}:
-        raise BadInputError(f"config.json: layer_types must list {n} layers of linear_attention / full_attention")
-    arch.layer_types = list(types)
+    arch.layer_types = layer_kinds(types, n, ("linear_attention", "full_attention"))
     arch.linear_attn = {"nk": need_int(cfg, "linear_num_key_heads", layout.name), "nv": need_int(cfg, "linear_num_value_heads", layout.name),
                         "dk": need_int(cfg, "linear_key_head_dim", layout.name), "dv": need_int(cfg, "linear_value_head_dim", layout.name),
                         "kernel": get_int(cfg, "linear_conv_kernel_dim", 4)}
