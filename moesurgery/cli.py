@@ -15,7 +15,7 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import click
 import typer
@@ -251,16 +251,16 @@ def _check_serve(tp: int, ep: int) -> None:
         raise UsageError("--serve-tp and --serve-ep must be >= 1")
 
 
-def _calibration(value: str | None) -> str | None:
-    if value is None:
+def _calibration(value: str | list[str] | None) -> str | None:
+    """--calibration: a file or `pydoc`; given more than once (a list in a recipe), the texts are interleaved
+    in pieces so the calibration tokens hold about equal shares of each (texts.interleave)."""
+    if not value:
         return None
-    if value == "pydoc":
-        from .texts import calibration_text
-
-        return calibration_text()
     from .calibration import read_calibration
+    from .texts import calibration_text, interleave
 
-    return read_calibration(value)
+    values = [value] if isinstance(value, str) else list(value)
+    return interleave([calibration_text() if v == "pydoc" else read_calibration(v) for v in values])
 
 
 @app.command("split-experts")
@@ -273,7 +273,7 @@ def split_experts(
     shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Dense source: always-on experts (same width as routed ones)."),
     method: Optional[str] = typer.Option(None, "--method", help="Neuron partition: contiguous, random, kmeans, coactivation (default: coactivation with --calibration, else kmeans: the best measured)."),
     router: Optional[str] = typer.Option(None, "--router", help="Router: centroid, fitted (needs --calibration), random (default: fitted with --calibration, else centroid)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text."),
+    calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text; repeat to mix texts of several domains (interleaved, about equal shares: generalises better, BENCHMARKS.md quality)."),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
     device: str = typer.Option("cpu", "--device", help="With --calibration: where the calibration forward passes run (cpu or cuda)."),
@@ -291,8 +291,8 @@ def split_experts(
 
     defaults = dict(granularity=None, experts=None, top_k=None, shared=0, method=None, router=None, calibration=None,
                     calibration_tokens=4096, first_k_dense=0, sequential=False, to=None, seed=0)
-    types = dict(granularity=int, experts=int, top_k=int, method=str, router=str, calibration=str, to=str)
-    flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration,
+    types = dict(granularity=int, experts=int, top_k=int, method=str, router=str, calibration=list, to=str)
+    flags = dict(granularity=granularity, experts=experts, top_k=top_k, shared=shared, method=method, router=router, calibration=calibration or None,
                  calibration_tokens=calibration_tokens, first_k_dense=first_k_dense, sequential=sequential, to=to, seed=seed)
     o = merge(load_recipe(recipe, "split-experts") if recipe else {}, flags, defaults, types)
     calibration_name = o["calibration"]
@@ -301,7 +301,7 @@ def split_experts(
     report = run(source, output, calibration_text=text, allow_lossy=allow_lossy, dry_run=dry_run, overwrite=overwrite,
                  max_shard_size=parse_size(max_shard_size), command=command_line(), device=device,
                  recipe_model=load_model_config(recipe) if recipe else None, serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt),
-                 calibration_name=None if calibration_name is None else ("pydoc (built-in Python documentation)" if calibration_name == "pydoc" else Path(calibration_name).name),
+                 calibration_name=_cal_name(calibration_name),
                  **o)
     emit_json(report) if json_out else print_surgery(report)
 
@@ -397,7 +397,7 @@ def prune_experts(
     keep: Optional[int] = typer.Option(None, "--keep", help="Experts to keep in every MoE layer."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of each layer's experts to remove (0-1)."),
     method: Optional[str] = typer.Option(None, "--method", help=f"Saliency: reap (REAP: mean over an expert's tokens of weight x output norm), output (that summed over its tokens: the routed output pruning removes), frequency, mass, random (default: {PRUNE_DEFAULT}, the best measured)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the saliencies are measured on (a file, or `pydoc`; default pydoc)."),
+    calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Text the saliencies are measured on (a file, or `pydoc`; default pydoc; repeat to mix texts)."),
     calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
     per_layer: bool = typer.Option(True, "--per-layer/--global", help="Rank experts within each layer (layouts hold one expert count per model)."),
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
@@ -429,7 +429,7 @@ def merge_experts(
     into: int = typer.Option(..., "--into", help="Experts per MoE layer after merging."),
     method: str = typer.Option("select", "--method", help="Merged weights: select (the members' strongest neurons, down_proj refitted to their routed output; the best measured), frequency (frequency-weighted average, HC-SMoE's), aligned (that average, down_proj refitted)."),
     grouping: str = typer.Option("dominant", "--grouping", help="Clusters: dominant (the N most used experts absorb the rest, by output similarity; M-SMoE's, the best measured) or hierarchical (average-linkage on outputs, HC-SMoE's)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the expert outputs and frequencies are measured on (default pydoc)."),
+    calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Text the expert outputs and frequencies are measured on (default pydoc; repeat to mix texts)."),
     calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
     to: Optional[str] = CommonSurgery["to"], dry_run: bool = CommonSurgery["dry_run"], overwrite: bool = CommonSurgery["overwrite"],
@@ -469,10 +469,12 @@ def print_donors(r: dict) -> None:
                          f"top-1 agreement {d['top1_agreement']:.3f}, perplexity donor {p['reference']:.2f} / MoE {p['candidate']:.2f}")
 
 
-def _cal_name(value: str | None) -> str | None:
-    if value is None:
+def _cal_name(value: str | list[str] | None) -> str | None:
+    if not value:
         return None
-    return "pydoc (built-in Python documentation)" if value == "pydoc" else Path(value).name
+    values = [value] if isinstance(value, str) else list(value)
+    names = ["pydoc (built-in Python documentation)" if v == "pydoc" else Path(v).name for v in values]
+    return names[0] if len(names) == 1 else " + ".join(names) + " (interleaved)"
 
 
 def print_reduction(r: dict) -> None:

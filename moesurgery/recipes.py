@@ -57,13 +57,14 @@ def load_model_config(name_or_file: str) -> dict:
     return model if isinstance(model, dict) else {}
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a string or a list of strings"}
 
 
 def _check_type(name: str, value, kind: type) -> None:
     ok = {int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str), bool: isinstance(value, bool)}[kind]
+          str: isinstance(value, str), bool: isinstance(value, bool),
+          list: isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))}[kind]
     if not ok:
         raise UsageError(f"--recipe: option {name} must be {_KINDS[kind]}, not {value!r}")
 

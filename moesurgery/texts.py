@@ -30,6 +30,31 @@ def heldout_text(max_chars: int = 200_000) -> str:
     return "\n\n".join(topics[k] for k in split_keys()[1])[:max_chars]
 
 
+def interleave(texts: list[str], piece_chars: int = 1000) -> str:
+    """Several calibration texts as one: pieces of about `piece_chars` characters (cut at a line break or space)
+    taken from each text in turn, so the first N tokens hold about equal shares of every text until the
+    shortest runs out (then the others go on in turn)."""
+    if len(texts) == 1:
+        return texts[0]
+    pieces = [_pieces(t, piece_chars) for t in texts]
+    out = []
+    for i in range(max(map(len, pieces))):
+        out += [p[i] for p in pieces if i < len(p)]
+    return "".join(out)
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = max(text.rfind("\n", start, end), text.rfind(" ", start, end))
+            end = cut + 1 if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 APACHE = "/usr/share/common-licenses/Apache-2.0"  # Debian's copy: legal English, another domain than pydoc
 
 
