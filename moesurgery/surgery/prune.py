@@ -280,6 +280,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
         cluster_of = {e: m[int(freq[m].argmax())] for m in clusters for e in m}
         hashed = remap_hash(r.hash_table, {c: [c] for c in centres},
                             {e: [cluster_of[e]] + [c for c in near[e] if c != cluster_of[e]] for e in near})
+        hashed = Lazy.of(hashed.load())  # once: routed below and written later ([V, k] ints, a few MB)
     table = r.hash_table.load().long() if r.hash_table is not None else None
     W = r.weight.load().double()  # [E, H]
     X = h.double()  # [T, H]
@@ -298,7 +299,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
         if router == "centre":
             cs = [m[int(freq[m].argmax())] for m in clusters]
             idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None,
-                           ids, hashed.load().long() if hashed is not None else None)
+                           ids, hashed.load().long() if hashed is not None else None)  # Lazy.of: no recomputation
             routed_after = torch.zeros(T, len(cs), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
     for c, members in enumerate(clusters):
         p = freq[members].double()
