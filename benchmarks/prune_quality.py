@@ -44,11 +44,63 @@ def held_out_ppl(src: Path, out: Path) -> float:
     return v["perplexity"]["candidate"]
 
 
+def balance(path: Path, out: Path, text: str, tokens: int, steps: int = 400) -> dict:
+    """`path` (an MoE with a selection bias: sigmoid scores + e_score_correction_bias) with its biases set so every
+    routed expert gets the same share of the calibration tokens, as trained MoEs are kept balanced (DeepSeek-V3's
+    auxiliary-loss-free update: b_e += step * sign(mean load - load_e), on each layer's own streamed inputs, the
+    balanced layers below feeding the next). Written as a copy of `path` with only the bias tensors changed."""
+    import shutil
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moesurgery.calibration import chunk, ffn_inputs, tokenize
+    from moesurgery.canonical import MoE
+    from moesurgery.lazy import Lazy
+    from moesurgery.model_io import open_model
+
+    model = open_model(path).model
+    ids = chunk(tokenize(path, text, model.arch.vocab_size), 256, tokens)
+    biases, spread = {}, []
+    stream = ffn_inputs(model, ids)
+    step = next(stream, None)
+    while step is not None:
+        i, h = step
+        moe, replacement = model.layers[i].ffn, None
+        if isinstance(moe, MoE):
+            r = moe.router
+            scores = torch.sigmoid(h @ r.weight.load().float().T)  # [T, E]
+            E, k = scores.shape[1], r.top_k
+            b = r.bias.load().float().clone()
+            size = float(scores.std()) * 0.1
+            for _ in range(steps):
+                load = torch.bincount((scores + b).topk(k, dim=-1).indices.flatten(), minlength=E).float()
+                b += size * torch.sign(load.mean() - load)
+                size *= 0.99
+            load = torch.bincount((scores + b).topk(k, dim=-1).indices.flatten(), minlength=E).float()
+            spread.append(float(load.max() / load.mean()))
+            biases[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] = b
+            replacement = replace(moe, router=replace(r, bias=Lazy.of(b)))
+        try:
+            step = stream.send(replacement)
+        except StopIteration:
+            step = None
+    shutil.copytree(path, out)
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        hit = {k: biases[k].to(tensors[k].dtype) for k in tensors if k in biases}
+        if hit:
+            save_file({**tensors, **hit}, shard, metadata={"format": "pt"})
+    return {"max_over_mean_load": max(spread), "layers": len(spread)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
-    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine"], help="which MoEs to reduce")
+    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "balanced"],
+                    help="which MoEs to reduce (balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads)")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *MERGES], choices=[*METHODS, *MERGES], help="which rows to run")
     args = ap.parse_args()
     from tests.real_model import smollm2_checkpoint
@@ -64,10 +116,17 @@ def main() -> None:
                       first_k_dense=1, to="deepseek", allow_lossy=True)
         split_experts(coarse, fine, granularity=4)
         print(f"splits: {time.time() - t:.0f} s", flush=True)
-        base = {name: held_out_ppl(path, path) for name, path in (("coarse", coarse), ("fine", fine))}
+        moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
+        if "balanced" in args.moe:  # a trained MoE's loads are balanced; the fitted router's are not
+            biased, balanced = tmp / "biased", tmp / "balanced"
+            split_experts(dense, biased, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
+                          first_k_dense=1, to="glm4_moe", allow_lossy=True)
+            print(json.dumps({"balanced": balance(biased, balanced, cal, args.calibration_tokens)}), flush=True)
+            moes.append(("balanced", balanced, 14, 6))
+        base = {name: held_out_ppl(path, path) for name, path, _, _ in moes if name in args.moe}
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
-        for name, path, E, k in (("coarse", coarse, 14, 6), ("fine", fine, 56, 24)):
+        for name, path, E, k in moes:
             if name not in args.moe:
                 continue
             for share in (0.25, 0.5):

@@ -56,7 +56,8 @@ from moesurgery.model_io import open_model  # noqa: E402
 from moesurgery.operations import split_experts  # noqa: E402
 from moesurgery.runtime.model import Runtime, ffn_forward  # noqa: E402
 from moesurgery.runtime.moe import MoEWeights  # noqa: E402
-from moesurgery.texts import apache_text, calibration_text, heldout_text  # noqa: E402
+from moesurgery.calibration import read_calibration  # noqa: E402
+from moesurgery.texts import BUILTIN, apache_text, builtin_text, heldout_text, interleave  # noqa: E402
 
 # active fraction (%) -> (routed experts, top_k, shared); 16 experts of 96 neurons in all
 CONFIGS = {75: (14, 10, 2), 50: (14, 6, 2), 25: (15, 3, 1)}
@@ -166,7 +167,7 @@ def run(args) -> dict:
             raise SystemExit(f"held-out text {name} has {held.numel()} tokens, fewer than {need}")
         evals[name] = held[:need].view(args.eval_seqs, args.seq_len)
     ids = evals[args.eval_texts[0]]
-    cal_text = calibration_text()
+    cal_text = interleave([builtin_text(c) if c in BUILTIN else read_calibration(c) for c in args.calibration])
 
     cache = CachedFFNInputs(_calibration.ffn_inputs)
     if not args.sequential:  # sequential calibration depends on each split: nothing to reuse
@@ -224,6 +225,7 @@ def run(args) -> dict:
         "python": platform.python_version(),
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
         "calibration_tokens": args.calibration_tokens,
+        "calibration": args.calibration,
         "sequential": args.sequential,
         "first_k_dense": args.first_k_dense,
         "eval": {"sequences": args.eval_seqs, "seq_len": args.seq_len, "tokens": need},
@@ -278,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="partition methods, and `default`: the command without --method / --router")
     p.add_argument("--routers", default=",".join(ROUTERS), help="centroid, fitted, oracle (the oracle is evaluated on the first split's experts)")
     p.add_argument("--calibration-tokens", type=int, default=4096)
+    p.add_argument("--calibration", default="pydoc", help="calibration texts, comma-separated: pydoc, manuals (built-in) or files; several are interleaved")
+    p.add_argument("--split", action="append", default=[], metavar="FRAC:ROUTED:TOPK:SHARED",
+                   help="the split measured at an active fraction (default: %s)" % ", ".join(f"{f}:{n}:{k}:{s}" for f, (n, k, s) in CONFIGS.items()))
     p.add_argument("--eval-seqs", type=int, default=8, help="held-out sequences of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-texts", default="pydoc", help="held-out texts: pydoc (topics disjoint from the calibration), apache (Debian's Apache-2.0 licence: another domain)")
@@ -292,6 +297,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.fractions, args.methods, args.calibration_tokens, args.eval_seqs = "50", "contiguous,coactivation", 2048, 4
+    for spec in args.split:
+        try:
+            frac, n, k, s_ = (int(v) for v in spec.split(":"))
+        except ValueError:
+            p.error(f"--split {spec}: expected FRAC:ROUTED:TOPK:SHARED")
+        CONFIGS[frac] = (n, k, s_)
+    args.calibration = [c for c in args.calibration.split(",") if c]
     args.fractions = [int(f) for f in str(args.fractions).split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
     args.routers = [r for r in args.routers.split(",") if r]
@@ -305,7 +317,7 @@ def main(argv=None) -> int:
     else:
         print()
         print(f"{result['model']}: dense perplexity {result['dense_ppl']:.3f} on {result['eval']['tokens']} held-out tokens "
-              f"({result['eval']['sequences']} x {result['eval']['seq_len']}); calibration {result['calibration_tokens']} tokens; "
+              f"({result['eval']['sequences']} x {result['eval']['seq_len']}); calibration {result['calibration_tokens']} tokens of {'+'.join(result['calibration'])}; "
               f"{result['total_s'] / 60:.1f} min")
         print(table(result))
     return 0

@@ -257,10 +257,10 @@ def _calibration(value: str | list[str] | None) -> str | None:
     if not value:
         return None
     from .calibration import read_calibration
-    from .texts import calibration_text, interleave
+    from .texts import BUILTIN, builtin_text, interleave
 
     values = [value] if isinstance(value, str) else list(value)
-    return interleave([calibration_text() if v == "pydoc" else read_calibration(v) for v in values])
+    return interleave([builtin_text(v) if v in BUILTIN else read_calibration(v) for v in values])
 
 
 @app.command("split-experts")
@@ -273,7 +273,7 @@ def split_experts(
     shared: Optional[int] = typer.Option(None, "--shared", "-s", help="Dense source: always-on experts (same width as routed ones)."),
     method: Optional[str] = typer.Option(None, "--method", help="Neuron partition: contiguous, random, kmeans, coactivation (default: coactivation with --calibration, else kmeans: the best measured)."),
     router: Optional[str] = typer.Option(None, "--router", help="Router: centroid, fitted (needs --calibration), random (default: fitted with --calibration, else centroid)."),
-    calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Calibration text file, or `pydoc` for built-in English text; repeat to mix texts of several domains (interleaved, about equal shares: generalises better, BENCHMARKS.md quality)."),
+    calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Calibration text file, or built-in text: `pydoc` (Python's documentation), `manuals` (GNU info manuals, where installed); repeat to mix texts of several domains (interleaved, about equal shares: generalises better, BENCHMARKS.md quality)."),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help="Calibration tokens to use (default 4096)."),
     first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Keep the first K layers dense."),
     device: str = typer.Option("cpu", "--device", help="With --calibration: where the calibration forward passes run (cpu or cuda)."),
@@ -472,8 +472,10 @@ def print_donors(r: dict) -> None:
 def _cal_name(value: str | list[str] | None) -> str | None:
     if not value:
         return None
+    from .texts import BUILTIN
+
     values = [value] if isinstance(value, str) else list(value)
-    names = ["pydoc (built-in Python documentation)" if v == "pydoc" else Path(v).name for v in values]
+    names = [BUILTIN.get(v) or Path(v).name for v in values]
     return names[0] if len(names) == 1 else " + ".join(names) + " (interleaved)"
 
 

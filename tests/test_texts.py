@@ -52,3 +52,29 @@ def test_recipe_calibration_list(tmp_path, capsys):
     recipe.write_text("command = 'split-experts'\n[options]\nexperts = 6\ntop_k = 2\ncalibration = [1]\n")
     assert main(["split-experts", "tiny:llama", str(tmp_path / "o"), "--recipe", str(recipe), "--dry-run"]) == 2
     assert "a string or a list of strings" in capsys.readouterr().err
+
+
+def _info(path, nodes):
+    import gzip
+
+    body = "This is a.info, produced by makeinfo.\n" + "".join(f"\x1f\nFile: a.info,  Node: {name},  Up: Top\n\n{text}\n" for name, text in nodes)
+    with gzip.open(path, "wt") as f:
+        f.write(body)
+
+
+def test_manuals_text_leaves_licences_out(tmp_path):
+    import pytest
+
+    from moesurgery.errors import BadInputError
+    from moesurgery.texts import manuals_text
+
+    _info(tmp_path / "a.info.gz", [("Top", "The tool sorts lines.\n\nCopyright (C) 2020 Free Software Foundation."),
+                                   ("Invoking", "Use the -r option to reverse the order."),
+                                   ("GNU Free Documentation License", "You may copy this document verbatim."),
+                                   ("GNU GPL", "The licensee shall distribute."), ("Concept Index", "* sort: Top.")])
+    (tmp_path / "b.info").write_text("\x1f\nFile: b.info,  Node: Top\n\nThe other manual.\n")
+    text = manuals_text(str(tmp_path))
+    assert "sorts lines" in text and "reverse the order" in text and "The other manual" in text
+    assert not any(w in text for w in ("Copyright", "verbatim", "licensee", "sort: Top"))
+    with pytest.raises(BadInputError, match="GNU info manuals"):
+        manuals_text(str(tmp_path / "none"))
