@@ -81,6 +81,18 @@ def test_decoding_step_by_step_equals_the_full_forward(v4, ids):
         caches: list = []
         steps = [rt.forward(ids[:, :13], caches)] + [rt.forward(ids[:, t : t + 1], caches) for t in range(13, ids.shape[1])]
         assert rel_err(torch.cat(steps, 1), full) < tol, dtype
+        chunked: list = []  # several new tokens per step, across window boundaries
+        cuts = [0, 5, 6, 9, 17, ids.shape[1]]
+        parts = [rt.forward(ids[:, a:b], chunked) for a, b in zip(cuts, cuts[1:])]
+        assert rel_err(torch.cat(parts, 1), full) < tol, dtype
+    # the cache is bounded: keys of the sliding window, inputs since the last complete window's start, entries
+    arch = rt.model.arch
+    for i, c in enumerate(caches):
+        seq = c["seq"][0]
+        assert seq["len"] == ids.shape[1] and seq["kv"].shape[0] == min(arch.sliding_window, ids.shape[1])
+        if "x" in seq:
+            m = arch.dsv4["compress_rates"][arch.layer_types[i]]
+            assert seq["x"].shape[0] < 2 * m and seq["entries"].shape[0] == ids.shape[1] // m
 
 
 def test_moe_block_matches_transformers(v4):

@@ -12,8 +12,10 @@ raw keys plus compressed entries (HCA: one per 128 tokens; CSA: one per 4 tokens
 8-token windows, chosen per query by the lightning indexer's top-k), a sink logit per head, the
 output rotated back, then the grouped low-rank output projection (o_a per group, o_b).
 
-Decode keeps each layer's past attention inputs: a step projects keys and compressed entries over them
-again and attends from the new positions only (exact; O(T) work per step, a reference, not a serving kernel).
+Decode keeps per layer what later positions can still use: the rotated keys of the last `sliding_window`
+positions, the compressed entries (and the indexer's keys) of every complete window, and the inputs since the
+last complete window's start (a new window's entry needs them; CSA overlaps the previous window). A step projects
+only its new positions: prefill and decode are one code path, exact against the full forward in fp64.
 """
 
 from __future__ import annotations
@@ -116,10 +118,9 @@ class DeepseekV4Runtime(Runtime):
     def attention(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         pre, post, comb = self._hc(x, layer, "attn")
         h = self.norm(self._collapse(x, pre), layer.attn["input_layernorm.weight"])  # [B, T, H]
-        past = cache["x"] if cache else None
-        full = h if past is None else torch.cat([past, h], 1)  # every input the layer has seen
-        out = torch.stack([self.attend(full[b], layer, h.shape[1]) for b in range(full.shape[0])])  # the new positions
-        return self._mix(x, post, comb, out), {"x": full, "len": full.shape[1]}
+        seqs = cache["seq"] if cache else [None] * h.shape[0]
+        outs, kept = zip(*(self.attend(h[b], layer, seqs[b]) for b in range(h.shape[0])))
+        return self._mix(x, post, comb, torch.stack(outs)), {"seq": list(kept), "len": kept[0]["len"]}
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:
         pre, _, _ = self._hc(x, layer, "ffn")
@@ -135,45 +136,66 @@ class DeepseekV4Runtime(Runtime):
         return self.ffn_output(x, layer, ffn_forward(self.ffn_input(x, layer), layer.ffn, self.backend, ids=ids)), cache
 
     # ---- attention over one sequence -------------------------------------------------------
-    def attend(self, x: torch.Tensor, layer: LoadedLayer, queries: int | None = None) -> torch.Tensor:
-        """x [S, H] (normed, the whole sequence from position 0) -> [Q, H]: the output at its last Q = `queries`
-        positions (all by default; decode asks for the new ones: keys and compressed entries over all S)."""
+    def attend(self, xq: torch.Tensor, layer: LoadedLayer, past: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """xq [Q, H]: one sequence's normed inputs at its next Q positions; past: what this layer keeps of the positions
+        before them (None: none) -> (output [Q, H], what it keeps after them). Kept: the rotated keys of the last
+        `sliding_window` positions, the compressed entries (and indexer keys) of every complete window, and the inputs
+        from the start of the last complete window on (a new window's entry needs them: CSA overlaps the previous one)."""
         a, arch, d, eps = layer.attn, self.arch, self.arch.dsv4, self.arch.rms_norm_eps
         kind = arch.layer_types[layer.index]
         table = "main" if kind == "sliding_attention" else "compress"
-        S, Hq, D = x.shape[0], arch.num_heads, arch.head_dim
-        Q = S if queries is None else queries
-        pos, qpos = torch.arange(S, device=x.device), torch.arange(S - Q, S, device=x.device)
-        xq = x[S - Q :]
+        Q, Hq, D = xq.shape[0], arch.num_heads, arch.head_dim
+        S0 = past["len"] if past else 0
+        S = S0 + Q
+        qpos = torch.arange(S0, S, device=xq.device)
         qr = rms(xq @ a["self_attn.q_a_proj.weight"].T, a["self_attn.q_a_norm.weight"], eps)  # [Q, q_lora]
         q = (qr @ a["self_attn.q_b_proj.weight"].T).view(Q, Hq, D).transpose(0, 1)  # [Hq, Q, D]
         q = self.rotate(rms(q, None, eps), qpos, table)
-        kv = self.rotate(rms(x @ a["self_attn.kv_proj.weight"].T, a["self_attn.kv_norm.weight"], eps), pos, table)  # [S, D]
-        i, j = qpos[:, None], pos[None, :]
-        bias = torch.zeros(Q, S, device=x.device, dtype=torch.float32).masked_fill(~((j <= i) & (j > i - arch.sliding_window)), -math.inf)
+        kv = self.rotate(rms(xq @ a["self_attn.kv_proj.weight"].T, a["self_attn.kv_norm.weight"], eps), qpos, table)  # [Q, D]
+        if past:
+            kv = torch.cat([past["kv"], kv], 0)  # [K, D]: positions S - K .. S - 1
+        i, j = qpos[:, None], torch.arange(S - kv.shape[0], S, device=xq.device)[None, :]
+        bias = torch.zeros(Q, kv.shape[0], device=xq.device, dtype=torch.float32).masked_fill(~((j <= i) & (j > i - arch.sliding_window)), -math.inf)
+        keep = {"len": S, "kv": kv[-arch.sliding_window :]}
         keys = kv
         if kind != "sliding_attention":
             m = d["compress_rates"][kind]
             csa = kind == "compressed_sparse_attention"
-            entries = self.compress(x, a, "self_attn.compressor.", m, D, csa)  # [W, D]
+            start = past["start"] if past else 0  # the inputs kept begin at this window's first position
+            x = torch.cat([past["x"], xq], 0) if past else xq
+            old = past["entries"].shape[0] if past else 0  # complete windows before: the kept inputs' first is one of them
+            entries = self._extend(past, "entries", self.compress(x, a, "self_attn.compressor.", m, D, csa, start // m), old - start // m)
             W = entries.shape[0]
-            usable = torch.arange(W, device=x.device)[None, :] < ((qpos + 1) // m)[:, None]  # [Q, W]: whole window seen
-            if csa and W > 0:
-                usable = usable & self.index(x, xq, qr, a, qpos, usable, m)
+            usable = torch.arange(W, device=xq.device)[None, :] < ((qpos + 1) // m)[:, None]  # [Q, W]: whole window seen
+            if csa:
+                p = "self_attn.compressor.indexer."
+                ikeys = self._extend(past, "ikeys", self.compress(x, a, p, m, d["index_head_dim"], True, start // m), old - start // m)
+                keep["ikeys"] = ikeys
+                if W > 0:
+                    usable = usable & self.index(ikeys, xq, qr, a, qpos, usable)
             keys = torch.cat([kv, entries], 0)
-            bias = torch.cat([bias, torch.zeros(Q, W, device=x.device).masked_fill(~usable, -math.inf)], 1)
+            bias = torch.cat([bias, torch.zeros(Q, W, device=xq.device).masked_fill(~usable, -math.inf)], 1)
+            nxt = max(0, (S // m - 1) * m)
+            keep.update(entries=entries, start=nxt, x=x[nxt - start :])
         logits = acc(q @ keys.T) * D**-0.5 + bias  # [Hq, Q, K]
         sinks = a["self_attn.sinks"].to(logits.dtype).view(Hq, 1, 1).expand(Hq, Q, 1)
-        p = torch.softmax(torch.cat([logits, sinks], -1), -1)[..., :-1].to(x.dtype)
+        p = torch.softmax(torch.cat([logits, sinks], -1), -1)[..., :-1].to(xq.dtype)
         o = self.rotate(p @ keys, qpos, table, inverse=True).transpose(0, 1)  # [Q, Hq, D]
         G, r = d["o_groups"], d["o_lora_rank"]
         wa = a["self_attn.o_a_proj.weight"].view(G, r, Hq * D // G)
         z = torch.einsum("sgi,gri->sgr", o.reshape(Q, G, Hq * D // G), wa).reshape(Q, G * r)
-        return z @ a["self_attn.o_b_proj.weight"].T
+        return z @ a["self_attn.o_b_proj.weight"].T, keep
 
-    def compress(self, x, a, p: str, m: int, dim: int, overlap: bool) -> torch.Tensor:
-        """One entry per complete window of m tokens [W, dim]: softmax-gated sum of its tokens' projections (CSA:
-        over the Ca half of the previous window and the Cb half of this one), normed, rotated at the window's start."""
+    @staticmethod
+    def _extend(past: dict | None, name: str, fresh: torch.Tensor, known: int) -> torch.Tensor:
+        """The kept entries `name` and the new complete windows of `fresh` (its first `known` are kept already)."""
+        return fresh[known:] if not past else torch.cat([past[name], fresh[known:]], 0)
+
+    def compress(self, x, a, p: str, m: int, dim: int, overlap: bool, first: int = 0) -> torch.Tensor:
+        """One entry per complete window of m tokens of x [S, H] (its first row starts window `first`) [W, dim]:
+        softmax-gated sum of its tokens' projections (CSA: over the Ca half of the previous window and the Cb half of
+        this one; x's first window has no previous here, so it is right only for window 0), normed, rotated at the
+        window's start."""
         nw = x.shape[0] // m
         if nw == 0:  # fewer tokens than one window: nothing compressed yet
             return x.new_zeros(0, dim)
@@ -187,15 +209,14 @@ class DeepseekV4Runtime(Runtime):
             kv, g = KV, Gt
         e = (kv * torch.softmax(acc(g), 1).to(kv.dtype)).sum(1)
         e = rms(e, a[p + "kv_norm.weight"], self.arch.rms_norm_eps)
-        return self.rotate(e, torch.arange(nw, device=x.device) * m, "compress")
+        return self.rotate(e, (torch.arange(nw, device=x.device) + first) * m, "compress")
 
-    def index(self, x, xq, qr, a, qpos, usable, m: int) -> torch.Tensor:
-        """The lightning indexer's choice [Q, W] of compressed entries (over all of x [S, H]) per query (xq, qr at
-        positions qpos): the top-k of its scores among the usable."""
+    def index(self, keys, xq, qr, a, qpos, usable) -> torch.Tensor:
+        """The lightning indexer's choice [Q, W] of compressed entries per query (xq, qr at positions qpos), from its
+        own compressed keys [W, hd]: the top-k of its scores among the usable."""
         d = self.arch.dsv4
         p = "self_attn.compressor.indexer."
         nh, hd = d["index_n_heads"], d["index_head_dim"]
-        keys = self.compress(x, a, p, m, hd, True)  # [W, hd]
         Q = xq.shape[0]
         q = self.rotate((qr @ a[p + "q_b_proj.weight"].T).view(Q, nh, hd).transpose(0, 1), qpos, "compress")  # [nh, Q, hd]
         scores = F.relu(acc(q @ keys.T)) * hd**-0.5  # [nh, Q, W]
