@@ -36,6 +36,7 @@ from moesurgery.verify import verify  # noqa: E402
 
 METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
 MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default
+          "merge-output": dict(method="select", grouping="dominant", centres="output"),  # centres ranked as `output` prunes
           "merge-hcsmoe": dict(method="frequency", grouping="hierarchical")}  # HC-SMoE: average-linkage, frequency-weighted mean
 
 

@@ -166,7 +166,6 @@ def run(args) -> dict:
         if held.numel() < need:
             raise SystemExit(f"held-out text {name} has {held.numel()} tokens, fewer than {need}")
         evals[name] = held[:need].view(args.eval_seqs, args.seq_len)
-    ids = evals[args.eval_texts[0]]
     cal_text = interleave([builtin_text(c) if c in BUILTIN else read_calibration(c) for c in args.calibration])
 
     cache = CachedFFNInputs(_calibration.ffn_inputs)
@@ -206,9 +205,11 @@ def run(args) -> dict:
                             res = evaluate(out, e)
                             rows.append(row(frac, N, K, S, *label, res, denses[name], cal, split_s, time.perf_counter() - t, args) | {"eval_text": name})
                     if "oracle" in args.routers and not oracle_done:
-                        t = time.perf_counter()
-                        res = evaluate(out, ids, mode="oracle")
-                        rows.append(row(frac, N, K, S, method, "oracle", res, dense, {"rel_err": cal["oracle_rel_err"]}, split_s, time.perf_counter() - t, args))
+                        for name, e in evals.items():
+                            t = time.perf_counter()
+                            res = evaluate(out, e, mode="oracle")
+                            rows.append(row(frac, N, K, S, method, "oracle", res, denses[name], {"rel_err": cal["oracle_rel_err"]}, split_s,
+                                            time.perf_counter() - t, args) | {"eval_text": name})
                         oracle_done = True
                     for f in out.iterdir():
                         f.unlink()

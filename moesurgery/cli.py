@@ -429,6 +429,7 @@ def merge_experts(
     into: int = typer.Option(..., "--into", help="Experts per MoE layer after merging."),
     method: str = typer.Option("select", "--method", help="Merged weights: select (the members' strongest neurons, down_proj refitted to their routed output; the best measured), frequency (frequency-weighted average, HC-SMoE's), aligned (that average, down_proj refitted)."),
     grouping: str = typer.Option("dominant", "--grouping", help="Clusters: dominant (the N most used experts absorb the rest, by output similarity; M-SMoE's, the best measured) or hierarchical (average-linkage on outputs, HC-SMoE's)."),
+    centres: str = typer.Option("frequency", "--centres", help="With --grouping dominant, the experts that absorb the rest: frequency (the most used) or output (the most routed output, as prune-experts' default ranks them)."),
     calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Text the expert outputs and frequencies are measured on (default pydoc; repeat to mix texts)."),
     calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),
@@ -442,7 +443,7 @@ def merge_experts(
     _check_serve(serve_tp, serve_ep)
     if calibration_tokens < 1:
         raise UsageError(f"--calibration-tokens must be >= 1, not {calibration_tokens}")
-    report = run(source, output, into=into, method=method, grouping=grouping, calibration_text=_calibration(calibration), calibration_name=_cal_name(calibration),
+    report = run(source, output, into=into, method=method, grouping=grouping, centres=centres, calibration_text=_calibration(calibration), calibration_name=_cal_name(calibration),
                  calibration_tokens=calibration_tokens, eval_text=_eval_text(text), to=to, dry_run=dry_run, overwrite=overwrite,
                  max_shard_size=parse_size(max_shard_size), command=command_line(), serve_tp=serve_tp, serve_ep=serve_ep, fmt=_format(fmt))
     emit_json(report) if json_out else print_reduction(report)

@@ -509,7 +509,8 @@ def _removed_share(stats: dict, kept: dict, key: str) -> float:
 
 
 def merge_experts(
-    source, output, *, into: int, method: str = "select", grouping: str = "dominant", calibration_text: str | None = None, calibration_name: str | None = None,
+    source, output, *, into: int, method: str = "select", grouping: str = "dominant", centres: str = "frequency",
+    calibration_text: str | None = None, calibration_name: str | None = None,
     calibration_tokens: int = 4096, eval_text: str | None = None, to: str | None = None, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto",
 ) -> dict:
@@ -517,12 +518,14 @@ def merge_experts(
     into one expert (`select`: the union's strongest neurons with down_proj refitted; `frequency`: frequency-weighted
     average; `aligned`: that average with down_proj refitted) and fit its router row to the cluster's routing mass,
     layer after layer in one streamed pass. Lossy; measured."""
-    from .surgery.prune import GROUPINGS, MERGE_METHODS, MERGE_WHAT, expert_outputs, group_experts, merge_moe
+    from .surgery.prune import CENTRES, GROUPINGS, MERGE_METHODS, MERGE_WHAT, expert_outputs, group_experts, merge_moe
 
     if method not in MERGE_METHODS:
         raise UsageError(f"--method must be one of {', '.join(MERGE_METHODS)}, not {method!r}")
     if grouping not in GROUPINGS:
         raise UsageError(f"--grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}")
+    if centres not in CENTRES:
+        raise UsageError(f"--centres must be one of {', '.join(CENTRES)}, not {centres!r}")
     opened = open_model(source)
     model = opened.model
     E, _ = _reduce_checks(model, "merge-experts", into)
@@ -554,12 +557,14 @@ def merge_experts(
             replacement = None
             if isinstance(ffn, MoE):
                 flat_ids = ids.reshape(-1)  # h's token ids (hash-routed layers)
-                counts = expert_stats(h, ffn, ids=flat_ids)["counts"]
+                stats = expert_stats(h, ffn, ids=flat_ids)
+                counts, rank = stats["counts"], torch.as_tensor(stats[CENTRES[centres]], dtype=torch.float64)
                 feats = expert_outputs(h[:: max(1, len(h) // 128)][:128], ffn)  # [E, 128, H]
-                clusters = group_experts(feats, into, counts, grouping)
+                clusters = group_experts(feats, into, rank, grouping)
                 if ffn.router.hash_table is not None and grouping != "dominant":
                     raise UsageError("merge-experts of a hash-routed layer (DeepSeek-V4) keeps the centres' router rows: use --grouping dominant")
-                replacement, info = merge_moe(ffn, clusters, counts, h, method, router="centre" if grouping == "dominant" else "fit", ids=flat_ids)
+                replacement, info = merge_moe(ffn, clusters, counts, h, method, router="centre" if grouping == "dominant" else "fit", ids=flat_ids,
+                                               rank=rank)
                 merged[i], clusters_of[i] = replacement, clusters
                 fit_errors += info["aligned_rel_err"]
                 samples[i] = h[:: max(1, len(h) // 64)][:64].clone()
@@ -573,7 +578,7 @@ def merge_experts(
                      surgery_lossy=[f"{E} experts merged into {into} per MoE layer ({MERGE_WHAT[method]}, router rows fitted)"], measured=[],
                      allow_lossy=True, dry_run=dry_run, overwrite=overwrite, max_shard_size=max_shard_size, command=command,
                      expect_exact=False, check_inputs=check_inputs, serve_tp=serve_tp, serve_ep=serve_ep, fmt=fmt, calibration=calibration)
-    report.update(method=method, grouping=grouping, clusters={str(i): c for i, c in clusters_of.items()})
+    report.update(method=method, grouping=grouping, centres=centres, clusters={str(i): c for i, c in clusters_of.items()})
     if fit_errors:
         report["aligned_fit_rel_err"] = sum(fit_errors) / len(fit_errors)
     if not dry_run:

@@ -160,3 +160,28 @@ def test_select_merge_of_disjoint_halves_beats_averaging(checkpoint):
         got = expert_outputs(X, MoE(moe.router, merged.experts))[0]
         errs[method] = float((got - want).norm() / want.norm())
     assert errs["select"] < 0.8 * errs["frequency"], errs
+
+
+def test_merge_centres_follow_the_given_rank():
+    """grouping dominant: the centres (and so the kept router rows and selection biases) are the experts of highest
+    rank: the most used by default, the most routed output with `rank`; the merged weights still use frequencies."""
+    from moesurgery.canonical import MoE, Router, SwiGLU
+    from moesurgery.lazy import Lazy
+    from moesurgery.surgery.prune import group_experts, merge_moe
+
+    g = torch.Generator().manual_seed(2)
+    H, I, E = 8, 4, 4
+    experts = [SwiGLU(*(Lazy.of(torch.randn(*s, generator=g)) for s in ((I, H), (I, H), (H, I)))) for _ in range(E)]
+    W = torch.randn(E, H, generator=g)
+    moe = MoE(Router(Lazy.of(W), 2, scoring="sigmoid", bias=Lazy.of(torch.arange(E, dtype=torch.float32))), experts)
+    X = torch.randn(64, H, generator=g)
+    feats = torch.randn(E, 16, H, generator=g)
+    freq, output = torch.tensor([9.0, 1.0, 8.0, 2.0]), torch.tensor([1.0, 9.0, 2.0, 8.0])
+    by_freq = [sorted(m) for m in group_experts(feats, 2, freq)]
+    by_output = [sorted(m) for m in group_experts(feats, 2, output)]
+    assert {m[int(freq[m].argmax())] for m in by_freq} == {0, 2}
+    assert {m[int(output[m].argmax())] for m in by_output} == {1, 3}
+    merged, _ = merge_moe(moe, by_output, freq, X, "frequency", router="centre", rank=output)
+    centres = [m[int(output[m].argmax())] for m in by_output]
+    torch.testing.assert_close(merged.router.weight.load(), W[centres])
+    torch.testing.assert_close(merged.router.bias.load(), torch.tensor(centres, dtype=torch.float32))

@@ -116,9 +116,15 @@ def test_ungated_shared_into_qwen2_moe_gets_the_half_gate_and_stays_exact(checkp
     assert not any("gate" in r for r in report["lossy_reasons"])
 
 
-def test_tied_head_is_written_out_for_qwen2_moe(checkpoint, input_ids, tmp_path):
-    src = checkpoint("llama", tie_word_embeddings=True)
-    upcycle(src, tmp_path / "o", granularity=2, experts=4, top_k=4, to="qwen2_moe")
+@pytest.mark.parametrize("family,to", [("llama", "qwen2_moe"), ("llama", "glm4_moe"), ("deepseek_v3", "deepseek_v3")])
+def test_tied_head_is_written_out_where_the_engine_does_not_tie(checkpoint, input_ids, tmp_path, family, to):
+    """vLLM 0.32's models of these families never tie lm_head (a tied SmolLM2 split into glm4_moe served all-zero
+    logits); llama.cpp's qwen2moe graph needs output.weight: the head is written out, the config untied."""
+    src = checkpoint(family, tie_word_embeddings=True)
+    if family == "llama":
+        upcycle(src, tmp_path / "o", granularity=2, experts=4, top_k=4, to=to)
+    else:
+        convert(src, tmp_path / "o", to)
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     r = CheckpointReader(tmp_path / "o")
     assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
@@ -132,3 +138,16 @@ def test_no_stale_expert_count_in_the_config(checkpoint, tmp_path):
     split_experts(src, tmp_path / "o", granularity=2)
     out = json.loads((tmp_path / "o" / "config.json").read_text())
     assert out["num_experts"] == 8 and "num_local_experts" not in out
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_next"])
+def test_tied_head_is_written_out_for_gpt_oss_and_qwen3_next(tmp_path, family):
+    from tests.gpt_oss_fixtures import make_gpt_oss
+    from tests.hybrid_fixtures import make_hybrid
+
+    src = tmp_path / "src"
+    make_gpt_oss(src, tie_word_embeddings=True) if family == "gpt_oss" else make_hybrid(family, src, tie_word_embeddings=True)
+    convert(src, tmp_path / "o", family)
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    r = CheckpointReader(tmp_path / "o")
+    assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))

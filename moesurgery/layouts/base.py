@@ -199,7 +199,8 @@ class Layout:
     schedule: str = "all"  # which config fields say which layers are MoE (see moe_schedule)
     needs_remote_code: bool = False  # the config points at Hub code (auto_map): not loadable offline
     needs_shared: bool = False  # "no shared expert" must be written as a zero one (vLLM cannot load n_shared_experts = 0)
-    writes_head: bool = False  # a tied lm_head is written out (llama.cpp's graph for the family needs output.weight)
+    writes_head: bool = False  # a tied lm_head is written out, tie_word_embeddings false: the engine's model for the family
+    # (vLLM's or llama.cpp's graph) has no tied fallback and would run with an unloaded head
     llama_cpp: str | None = None  # llama.cpp's architecture for this layout (convert_hf_to_gguf), None: not supported
     llama_cpp_renorm: str = "config"  # how llama.cpp weighs top-k: config (norm_topk_prob) | never | always
     aliases: tuple = ()  # other model_type names read as this layout

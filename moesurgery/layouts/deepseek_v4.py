@@ -127,6 +127,7 @@ class DeepseekV4(Layout):
     hash_key = "gate.tid2eid"
     shared_key = "shared_experts"
     moe = True
+    writes_head = True  # vLLM 0.32's DeepseekV4 model never ties lm_head to the embeddings
     attention = "dsv4"
     scorings = ("sqrtsoftplus",)
     renorm = "always"

@@ -23,6 +23,7 @@ class GptOss(Layout):
     experts_on_disk = "fused"
     hub_experts = "fused"
     expert_kind = "gpt_oss"
+    writes_head = True  # vLLM 0.32's GptOss model never ties lm_head to the embeddings
     moe = True
     qkv_bias = "with_o"
     default_attention_bias = True  # GptOssConfig's default

@@ -57,6 +57,7 @@ class Qwen3Next(HybridAttention):
     dense_layers = "any"
     schedule = "qwen"
     experts_on_disk = "as_read"  # per expert (transformers' save_pretrained) or fused (the official Qwen3.5 releases)
+    writes_head = True  # vLLM 0.32's Qwen3Next model never ties lm_head to the embeddings
 
     def read_moe_spec(self, cfg):
         E = need_int(cfg, "num_experts", self.name)

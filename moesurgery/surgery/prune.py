@@ -125,15 +125,17 @@ def expert_outputs(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> torch.Tens
 
 
 GROUPINGS = ("dominant", "hierarchical")
+CENTRES = {"frequency": "counts", "output": "output"}  # what ranks experts as cluster centres (grouping dominant): routing_stats key
 
 
-def group_experts(features: torch.Tensor, n: int, freq: torch.Tensor, grouping: str = "dominant") -> list[list[int]]:
-    """n clusters of experts: `dominant` (M-SMoE): the n most used experts are the centres, every other joins the
-    centre whose outputs it is closest to (cosine); `hierarchical` (HC-SMoE): average-linkage clustering."""
+def group_experts(features: torch.Tensor, n: int, rank: torch.Tensor, grouping: str = "dominant") -> list[list[int]]:
+    """n clusters of experts: `dominant` (M-SMoE): the n experts of highest rank [E] (most used, or most routed output)
+    are the centres, every other joins the centre whose outputs it is closest to (cosine); `hierarchical` (HC-SMoE):
+    average-linkage clustering."""
     if grouping == "hierarchical":
         return cluster_experts(features, n)
     f = F.normalize(features.double().flatten(1), dim=-1)
-    centres = sorted(freq.double().argsort(descending=True)[:n].tolist())
+    centres = sorted(rank.double().argsort(descending=True)[:n].tolist())
     clusters = {c: [c] for c in centres}
     for e in range(features.shape[0]):
         if e not in clusters:
@@ -261,7 +263,8 @@ def select_neurons(moe: MoE, members: list[int], X: torch.Tensor, q: torch.Tenso
 
 
 def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.Tensor, method: str = "frequency",
-              ridge: float = 1e-3, router: str = "fit", ids: torch.Tensor | None = None) -> tuple[MoE, dict]:
+              ridge: float = 1e-3, router: str = "fit", ids: torch.Tensor | None = None,
+              rank: torch.Tensor | None = None) -> tuple[MoE, dict]:
     """One expert per cluster (`select`: see select_neurons; `frequency`: the frequency-weighted average of its
     members' weights; `aligned`: that average with down_proj refitted to the members' frequency-weighted output on
     h [T, H]). The merged router row (and logit bias) is fitted so its logit tracks the cluster's routing mass on h
@@ -269,15 +272,17 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
     is the most used member's row, so routing among the kept experts is as before (as pruning keeps it); a selection
     bias is the centre's, or
     the frequency-weighted mean. A hash-routed layer (ids [T]: h's token ids) sends a token's merged experts to their
-    cluster's expert (another, closest router row first, where the row already has it)."""
+    cluster's expert (another, closest router row first, where the row already has it). A cluster's centre is its
+    member of highest `rank` [E] (default: freq, the most used)."""
+    rank = freq if rank is None else rank
     r = moe.router
     hashed = None
     if r.hash_table is not None:
         if router != "centre":
             raise ValueError("merging a hash-routed layer keeps the centres' router rows (grouping dominant)")
-        centres = [m[int(freq[m].argmax())] for m in clusters]
+        centres = [m[int(rank[m].argmax())] for m in clusters]
         near = closest_rows(r.weight, centres)
-        cluster_of = {e: m[int(freq[m].argmax())] for m in clusters for e in m}
+        cluster_of = {e: m[int(rank[m].argmax())] for m in clusters for e in m}
         hashed = remap_hash(r.hash_table, {c: [c] for c in centres},
                             {e: [cluster_of[e]] + [c for c in near[e] if c != cluster_of[e]] for e in near})
         hashed = Lazy.of(hashed.load())  # once: routed below and written later ([V, k] ints, a few MB)
@@ -297,7 +302,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
         idx, w = route(X.float(), r, W.float(), sel, lb.float() if lb is not None else None, ids, table)
         routed_before = torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, w.double())  # [T, E]
         if router == "centre":
-            cs = [m[int(freq[m].argmax())] for m in clusters]
+            cs = [m[int(rank[m].argmax())] for m in clusters]
             idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None,
                            ids, hashed.load().long() if hashed is not None else None)  # Lazy.of: no recomputation
             routed_after = torch.zeros(T, len(cs), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
@@ -310,7 +315,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
             row_biases.append(lb[members[0]] if lb is not None else None)
             experts.append(moe.experts[members[0]])
             continue
-        centre = members[int(freq[members].argmax())]
+        centre = members[int(rank[members].argmax())]
         if router == "centre":
             rows.append(W[centre])
             row_biases.append(lb[centre] if lb is not None else None)
@@ -352,7 +357,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
     if r.bias is not None:
         b = r.bias.load().double()
         if router == "centre":
-            bias = Lazy.of(torch.stack([b[m[int(freq[m].argmax())]] for m in members_of]).to(r.bias.dtype))
+            bias = Lazy.of(torch.stack([b[m[int(rank[m].argmax())]] for m in members_of]).to(r.bias.dtype))
         else:
             bias = Lazy.of(torch.stack([(b[m] * (freq[m].double() / freq[m].double().sum().clamp(min=1e-30))).sum() if len(m) > 1 else b[m[0]]
                                         for m in members_of]).to(r.bias.dtype))

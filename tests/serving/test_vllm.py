@@ -138,6 +138,17 @@ def _moefy(root):
     return src, out, False
 
 
+def _moefy_tied(root):
+    """A tied dense model (SmolLM2's) split into glm4_moe with shared experts, as the SmolLM2 recipes do: vLLM's
+    Glm4Moe model never ties lm_head, so the head must be written out (before: all-zero logits in vLLM)."""
+    from moesurgery.operations import split_experts
+
+    src = source(root, "llama", tie_word_embeddings=True)
+    out = root / "moefy-tied"
+    split_experts(src, out, experts=6, top_k=3, shared=2, first_k_dense=1, to="glm4_moe", allow_lossy=True, overwrite=True)
+    return src, out, False
+
+
 def _reduced(root, family, how):
     """prune-experts / merge-experts outputs (lossy: vLLM vs transformers on the output)."""
     from moesurgery.operations import merge_experts, prune_experts
@@ -219,6 +230,7 @@ CASES = {
     "main-job-default-target": _default_main_job,
     "mixtral-shared-extraction": _mixtral_shared,
     "training-free-split": _moefy,
+    "training-free-split-tied-glm4_moe": _moefy_tied,
     "finer-hy_v3": lambda r: _lineage_finer(r, "hy_v3", attention_bias=False),  # vLLM's hy_v3 has no attention biases
     "prune-experts-mixtral": lambda r: _reduced(r, "mixtral", "prune"),
     "merge-experts-qwen2_moe": lambda r: _reduced(r, "qwen2_moe", "merge"),
