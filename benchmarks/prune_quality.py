@@ -35,8 +35,8 @@ from moesurgery.texts import calibration_text, heldout_text  # noqa: E402
 from moesurgery.verify import verify  # noqa: E402
 
 METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
-MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default
-          "merge-output": dict(method="select", grouping="dominant", centres="output"),  # centres ranked as `output` prunes
+MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default: centres ranked as `output` prunes
+          "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
           "merge-hcsmoe": dict(method="frequency", grouping="hierarchical")}  # HC-SMoE: average-linkage, frequency-weighted mean
 
 

@@ -509,7 +509,7 @@ def _removed_share(stats: dict, kept: dict, key: str) -> float:
 
 
 def merge_experts(
-    source, output, *, into: int, method: str = "select", grouping: str = "dominant", centres: str = "frequency",
+    source, output, *, into: int, method: str = "select", grouping: str = "dominant", centres: str = "output",
     calibration_text: str | None = None, calibration_name: str | None = None,
     calibration_tokens: int = 4096, eval_text: str | None = None, to: str | None = None, dry_run: bool = False, overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, command: str = "moesurgery merge-experts", serve_tp: int = 1, serve_ep: int = 1, fmt: str = "auto",
