@@ -55,3 +55,19 @@ def input_ids() -> torch.Tensor:
     """Seeded token ids, shape [2, 12], over the tiny vocabulary."""
     gen = torch.Generator().manual_seed(1234)
     return torch.randint(0, VOCAB_SIZE, (2, 12), generator=gen)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """One MOESURGERY_CACHE for the session holding the embedded tiny checkpoints (mixtral, llama), made once."""
+    from moesurgery.tiny import ensure_tiny
+
+    root = tmp_path_factory.mktemp("moesurgery-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOESURGERY_CACHE", str(root))
+    try:
+        ensure_tiny("mixtral")
+        ensure_tiny("llama")
+    finally:
+        mp.undo()
+    return root

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from moesurgery import __version__, cli
 from moesurgery.cli import main
 from moesurgery.reader import INDEX_NAME, SINGLE_NAME
-from moesurgery.tiny import TINY, ensure_tiny
+from moesurgery.tiny import TINY
 
 COMMANDS = ["inspect", "convert", "split-experts", "upcycle", "verify", "bench"]
 MIX = TINY["mixtral"]
@@ -30,20 +30,6 @@ H, I, E, K, L = MIX["hidden_size"], MIX["intermediate_size"], MIX["num_local_exp
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """One MOESURGERY_CACHE for the session, so the tiny checkpoints are made once."""
-    root = tmp_path_factory.mktemp("moesurgery-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOESURGERY_CACHE", str(root))
-    try:
-        ensure_tiny("mixtral")
-        ensure_tiny("llama")
-    finally:
-        mp.undo()
-    return root
-
-
 @pytest.fixture(autouse=True)
 def _env(tiny_cache, monkeypatch):
     monkeypatch.setenv("MOESURGERY_CACHE", str(tiny_cache))

@@ -25,22 +25,13 @@ from safetensors.torch import load_file, save_file
 from moesurgery import cli
 from moesurgery.cli import main
 from moesurgery.reader import INDEX_NAME, SINGLE_NAME
-from moesurgery.tiny import ensure_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("moesurgery-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOESURGERY_CACHE", str(root))
-    try:
-        ensure_tiny("mixtral")
-        ensure_tiny("llama")
-    finally:
-        mp.undo()
-    return root
+@pytest.fixture
+def cache(tiny_cache) -> Path:
+    return tiny_cache
 
 
 @pytest.fixture(autouse=True)
