@@ -97,6 +97,17 @@ def test_bad_prune_requests(capsys, checkpoint, tmp_path, args, code, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,message", [(["--centres", "magic"], "--centres"), (["--grouping", "magic"], "--grouping"),
+                                          (["--method", "magic"], "--method")])
+def test_bad_merge_requests(capsys, checkpoint, tmp_path, args, message):
+    src = checkpoint("olmoe")
+    capsys.readouterr()  # the fixture's own progress output
+    got = main(["merge-experts", str(src), str(tmp_path / "o"), "--into", "4", *args])
+    err = capsys.readouterr().err
+    assert got == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_dense_source_is_refused(capsys, checkpoint, tmp_path):
     assert main(["prune-experts", str(checkpoint("llama")), str(tmp_path / "o"), "--keep", "2"]) == 3
     assert main(["merge-experts", str(checkpoint("llama")), str(tmp_path / "o"), "--into", "2"]) == 3
