@@ -56,13 +56,14 @@ from moesurgery.model_io import open_model  # noqa: E402
 from moesurgery.operations import split_experts  # noqa: E402
 from moesurgery.runtime.model import Runtime, ffn_forward  # noqa: E402
 from moesurgery.runtime.moe import MoEWeights  # noqa: E402
-from moesurgery.calibration import read_calibration  # noqa: E402
-from moesurgery.texts import BUILTIN, apache_text, builtin_text, heldout_text, interleave  # noqa: E402
+from moesurgery.calibration import calibration_mix  # noqa: E402
+from moesurgery.texts import apache_text, heldout_text  # noqa: E402
 
 # active fraction (%) -> (routed experts, top_k, shared); 16 experts of 96 neurons in all
 CONFIGS = {75: (14, 10, 2), 50: (14, 6, 2), 25: (15, 3, 1)}
 METHODS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("centroid", "fitted", "oracle")
+HELD_OUT = {"pydoc": heldout_text, "apache": apache_text}  # pydoc topics disjoint from the calibration; Apache-2.0: another domain
 
 
 # ------------------------------------------------------------------------------ calibration reuse
@@ -114,9 +115,10 @@ def oracle_choice(h: torch.Tensor, m: MoEWeights) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(path: Path, ids: torch.Tensor, mode: str = "model", batch: int = 8) -> dict:
+def evaluate(path: Path, ids: torch.Tensor, mode: str = "model", batch: int = 8, ffn=None) -> dict:
     """Perplexity of the checkpoint at `path` on ids [B, T]. mode: `model` (its own router, or the
-    dense FFN) or `oracle` (MoE layers routed by the oracle)."""
+    dense FFN) or `oracle` (MoE layers routed by the oracle). `ffn(i, h, weights)`: replaces layer i's FFN
+    output where it returns a tensor (None: the layer as `mode` says)."""
     model = open_model(path).model
     rt = Runtime(model, "cpu", torch.float32)
     positions = torch.arange(ids.shape[1])
@@ -127,14 +129,15 @@ def evaluate(path: Path, ids: torch.Tensor, mode: str = "model", batch: int = 8)
         layer = rt.layer(i)
         x, _ = rt.attention(x, layer, positions, rope)
         h = rt.ffn_input(x, layer)
-        if isinstance(layer.ffn, MoEWeights):
+        y = ffn(i, h, layer.ffn) if ffn is not None else None
+        if y is None and isinstance(layer.ffn, MoEWeights):
             if mode == "oracle":
                 y, _ = oracle_forward(h, layer.ffn)
             else:
                 y, idx = ffn_forward(h, layer.ffn, rt.backend, return_routing=True)
                 best = oracle_choice(h, layer.ffn)
                 agreement.append((idx.unsqueeze(-1) == best.unsqueeze(-2)).any(-1).float().mean().item())
-        else:
+        elif y is None:
             y = ffn_forward(h, layer.ffn, rt.backend)
         x = x + y
         del layer
@@ -162,11 +165,11 @@ def run(args) -> dict:
     need = args.eval_seqs * args.seq_len
     evals = {}
     for name in args.eval_texts:  # held-out texts: pydoc topics disjoint from the calibration, and another domain
-        held = tokenize(source, {"pydoc": heldout_text, "apache": apache_text}[name](), vocab)
+        held = tokenize(source, HELD_OUT[name](), vocab)
         if held.numel() < need:
             raise SystemExit(f"held-out text {name} has {held.numel()} tokens, fewer than {need}")
         evals[name] = held[:need].view(args.eval_seqs, args.seq_len)
-    cal_text = interleave([builtin_text(c) if c in BUILTIN else read_calibration(c) for c in args.calibration])
+    cal_text = calibration_mix(args.calibration)
 
     cache = CachedFFNInputs(_calibration.ffn_inputs)
     if not args.sequential:  # sequential calibration depends on each split: nothing to reuse

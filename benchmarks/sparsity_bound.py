@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import sys
@@ -32,11 +31,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moesurgery.calibration import tokenize  # noqa: E402
+from benchmarks.quality import HELD_OUT, evaluate  # noqa: E402
+from moesurgery.calibration import calibration_mix, tokenize  # noqa: E402
 from moesurgery.model_io import open_model  # noqa: E402
-from moesurgery.runtime.model import Runtime, ffn_forward  # noqa: E402
 from moesurgery.runtime.moe import SwiGLUWeights  # noqa: E402
-from moesurgery.texts import apache_text, heldout_text  # noqa: E402
 
 
 def sparse_ffn(h: torch.Tensor, ffn: SwiGLUWeights, keep: float, shared: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,13 +53,11 @@ def sparse_ffn(h: torch.Tensor, ffn: SwiGLUWeights, keep: float, shared: torch.T
 def shared_neurons(source: Path, texts: list[str], tokens: int, share: float) -> dict[int, torch.Tensor]:
     """Per layer, the `share` of neurons most often among a token's top-H by |activation| on the calibration
     text (moefy's shared experts: CMoE's frequency)."""
-    from moesurgery.calibration import chunk, ffn_inputs, read_calibration
+    from moesurgery.calibration import chunk, ffn_inputs
     from moesurgery.surgery.partition import active_mask, shared_by_frequency
-    from moesurgery.texts import BUILTIN, builtin_text, interleave
 
     model = open_model(source).model
-    text = interleave([builtin_text(c) if c in BUILTIN else read_calibration(c) for c in texts])
-    ids = chunk(tokenize(source, text, model.arch.vocab_size), 256, tokens)
+    ids = chunk(tokenize(source, calibration_mix(texts), model.arch.vocab_size), 256, tokens)
     out = {}
     for i, h in ffn_inputs(model, ids):
         ffn = model.layers[i].ffn
@@ -71,28 +67,13 @@ def shared_neurons(source: Path, texts: list[str], tokens: int, share: float) ->
     return out
 
 
-@torch.no_grad()
-def perplexity(path: Path, ids: torch.Tensor, keep: float | None, first_k_dense: int, batch: int = 8,
+def perplexity(path: Path, ids: torch.Tensor, keep: float | None, first_k_dense: int,
                shared: dict[int, torch.Tensor] | None = None) -> float:
-    model = open_model(path).model
-    rt = Runtime(model, "cpu", torch.float32)
-    positions = torch.arange(ids.shape[1])
-    rope = rt.rope(0, ids.shape[1])
-    x = rt.embed(ids)
-    for i in range(len(model.layers)):
-        layer = rt.layer(i)
-        x, _ = rt.attention(x, layer, positions, rope)
-        h = rt.ffn_input(x, layer)
-        sparse = keep is not None and i >= first_k_dense
-        x = x + (sparse_ffn(h, layer.ffn, keep, (shared or {}).get(i)) if sparse else ffn_forward(h, layer.ffn, rt.backend))
-        del layer
-    nll, count = 0.0, 0
-    for start in range(0, ids.shape[0], batch):
-        logits = rt.head(x[start : start + batch])
-        target = ids[start : start + batch, 1:]
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-        count += target.numel()
-    return math.exp(nll / count)
+    """quality.py's evaluation, every FFN from layer `first_k_dense` on sparsified to `keep` (None: dense)."""
+    def sparse(i, h, ffn):
+        return sparse_ffn(h, ffn, keep, (shared or {}).get(i)) if keep is not None and i >= first_k_dense else None
+
+    return evaluate(path, ids, ffn=sparse)["ppl"]
 
 
 def main(argv=None) -> int:
@@ -118,7 +99,7 @@ def main(argv=None) -> int:
     rows, t0 = [], time.perf_counter()
     fixed = shared_neurons(source, args.calibration.split(","), args.calibration_tokens, args.shared) if args.shared else None
     for name in args.eval_texts.split(","):
-        ids = tokenize(source, {"pydoc": heldout_text, "apache": apache_text}[name](), vocab)[:need].view(args.eval_seqs, args.seq_len)
+        ids = tokenize(source, HELD_OUT[name](), vocab)[:need].view(args.eval_seqs, args.seq_len)
         dense = perplexity(source, ids, None, args.first_k_dense)
         for frac in [int(f) for f in args.fractions.split(",")]:
             ppl = perplexity(source, ids, frac / 100, args.first_k_dense)

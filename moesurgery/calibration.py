@@ -51,6 +51,14 @@ def read_calibration(path: str | Path) -> str:
     return text
 
 
+def calibration_mix(names: list[str]) -> str:
+    """Calibration texts by name (built-in `pydoc`, `manuals`) or file path; several are interleaved in pieces so
+    the calibration tokens hold about equal shares of each (texts.interleave)."""
+    from .texts import BUILTIN, builtin_text, interleave
+
+    return interleave([builtin_text(n) if n in BUILTIN else read_calibration(n) for n in names])
+
+
 def ffn_inputs(model: Model, ids: torch.Tensor, dtype=torch.float32, device: str = "cpu") -> Generator[tuple[int, torch.Tensor], FFN | None, None]:
     """Yield (layer index, FFN input [T, H] on the CPU) of the *source* model, one layer at a time;
     the forward passes run on `device` (one layer's weights there at a time).

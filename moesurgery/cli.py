@@ -256,11 +256,9 @@ def _calibration(value: str | list[str] | None) -> str | None:
     in pieces so the calibration tokens hold about equal shares of each (texts.interleave)."""
     if not value:
         return None
-    from .calibration import read_calibration
-    from .texts import BUILTIN, builtin_text, interleave
+    from .calibration import calibration_mix
 
-    values = [value] if isinstance(value, str) else list(value)
-    return interleave([builtin_text(v) if v in BUILTIN else read_calibration(v) for v in values])
+    return calibration_mix([value] if isinstance(value, str) else list(value))
 
 
 @app.command("split-experts")

@@ -518,7 +518,7 @@ def merge_experts(
     into one expert (`select`: the union's strongest neurons with down_proj refitted; `frequency`: frequency-weighted
     average; `aligned`: that average with down_proj refitted) and fit its router row to the cluster's routing mass,
     layer after layer in one streamed pass. Lossy; measured."""
-    from .surgery.prune import CENTRES, GROUPINGS, MERGE_METHODS, MERGE_WHAT, expert_outputs, group_experts, merge_moe
+    from .surgery.prune import CENTRES, GROUPINGS, MERGE_METHODS, MERGE_WHAT, expert_outputs, group_experts, merge_moe, saliency
 
     if method not in MERGE_METHODS:
         raise UsageError(f"--method must be one of {', '.join(MERGE_METHODS)}, not {method!r}")
@@ -558,7 +558,7 @@ def merge_experts(
             if isinstance(ffn, MoE):
                 flat_ids = ids.reshape(-1)  # h's token ids (hash-routed layers)
                 stats = expert_stats(h, ffn, ids=flat_ids)
-                counts, rank = stats["counts"], torch.as_tensor(stats[CENTRES[centres]], dtype=torch.float64)
+                counts, rank = stats["counts"], saliency(stats, centres, len(ffn.experts))
                 feats = expert_outputs(h[:: max(1, len(h) // 128)][:128], ffn)  # [E, 128, H]
                 clusters = group_experts(feats, into, rank, grouping)
                 if ffn.router.hash_table is not None and grouping != "dominant":

@@ -25,7 +25,7 @@ class DeepseekFamily(Layout):
     needs_shared = True
     dense_layers = "prefix"
     schedule = "first_k_dense"
-    writes_head = True  # vLLM 0.32's DeepseekV2/V3 and Glm4Moe models never tie lm_head to the embeddings
+    writes_head = True  # vLLM 0.32's DeepseekV2/V3 and Glm4Moe models never tie lm_head; llama.cpp's dots1 needs output.weight
 
     def spec_fields(self, cfg) -> tuple[int, int, int, int]:
         E = need_int(cfg, "n_routed_experts", self.name)

@@ -14,7 +14,6 @@ class Dots1(SigmoidRouterMixin, DeepseekFamily):
     qk_norms = ("head",)
     norm_topk_default = False
     llama_cpp = "dots1"
-    writes_head = True
 
     def read_sliding_window(self, cfg):
         types = cfg.get("layer_types") or []

@@ -125,7 +125,7 @@ def expert_outputs(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> torch.Tens
 
 
 GROUPINGS = ("dominant", "hierarchical")
-CENTRES = {"frequency": "counts", "output": "output"}  # what ranks experts as cluster centres (grouping dominant): routing_stats key
+CENTRES = ("output", "frequency")  # the saliencies that may rank experts as cluster centres (grouping dominant)
 
 
 def group_experts(features: torch.Tensor, n: int, rank: torch.Tensor, grouping: str = "dominant") -> list[list[int]]:
@@ -275,14 +275,14 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
     cluster's expert (another, closest router row first, where the row already has it). A cluster's centre is its
     member of highest `rank` [E] (default: freq, the most used)."""
     rank = freq if rank is None else rank
+    centres = [m[int(rank[m].argmax())] for m in clusters]  # each cluster's member of highest rank
     r = moe.router
     hashed = None
     if r.hash_table is not None:
         if router != "centre":
             raise ValueError("merging a hash-routed layer keeps the centres' router rows (grouping dominant)")
-        centres = [m[int(rank[m].argmax())] for m in clusters]
         near = closest_rows(r.weight, centres)
-        cluster_of = {e: m[int(rank[m].argmax())] for m in clusters for e in m}
+        cluster_of = {e: c for m, c in zip(clusters, centres) for e in m}
         hashed = remap_hash(r.hash_table, {c: [c] for c in centres},
                             {e: [cluster_of[e]] + [c for c in near[e] if c != cluster_of[e]] for e in near})
         hashed = Lazy.of(hashed.load())  # once: routed below and written later ([V, k] ints, a few MB)
@@ -302,10 +302,10 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
         idx, w = route(X.float(), r, W.float(), sel, lb.float() if lb is not None else None, ids, table)
         routed_before = torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, w.double())  # [T, E]
         if router == "centre":
-            cs = [m[int(rank[m].argmax())] for m in clusters]
-            idx, w = route(X.float(), r, W[cs].float(), sel[cs] if sel is not None else None, lb[cs].float() if lb is not None else None,
+            idx, w = route(X.float(), r, W[centres].float(), sel[centres] if sel is not None else None,
+                           lb[centres].float() if lb is not None else None,
                            ids, hashed.load().long() if hashed is not None else None)  # Lazy.of: no recomputation
-            routed_after = torch.zeros(T, len(cs), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
+            routed_after = torch.zeros(T, len(centres), dtype=torch.float64).scatter_(1, idx, w.double())  # [T, clusters]
     for c, members in enumerate(clusters):
         p = freq[members].double()
         p = p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1 / len(members))
@@ -315,7 +315,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
             row_biases.append(lb[members[0]] if lb is not None else None)
             experts.append(moe.experts[members[0]])
             continue
-        centre = members[int(rank[members].argmax())]
+        centre = centres[c]
         if router == "centre":
             rows.append(W[centre])
             row_biases.append(lb[centre] if lb is not None else None)
@@ -357,7 +357,7 @@ def merge_moe(moe: MoE, clusters: list[list[int]], freq: torch.Tensor, h: torch.
     if r.bias is not None:
         b = r.bias.load().double()
         if router == "centre":
-            bias = Lazy.of(torch.stack([b[m[int(rank[m].argmax())]] for m in members_of]).to(r.bias.dtype))
+            bias = Lazy.of(torch.stack([b[c] for c in centres]).to(r.bias.dtype))
         else:
             bias = Lazy.of(torch.stack([(b[m] * (freq[m].double() / freq[m].double().sum().clamp(min=1e-30))).sum() if len(m) > 1 else b[m[0]]
                                         for m in members_of]).to(r.bias.dtype))
