@@ -129,6 +129,9 @@ def test_tied_head_is_written_out_where_the_engine_does_not_tie(checkpoint, inpu
     r = CheckpointReader(tmp_path / "o")
     assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
     assert rel_err(reference_logits(tmp_path / "o", input_ids), reference_logits(src, input_ids)) < 1e-5
+    from moesurgery.runtime.model import Runtime
+
+    assert rel_err(Runtime(open_model(tmp_path / "o").model).forward(input_ids), reference_logits(src, input_ids)) < 1e-5
 
 
 def test_no_stale_expert_count_in_the_config(checkpoint, tmp_path):
@@ -141,9 +144,10 @@ def test_no_stale_expert_count_in_the_config(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_next"])
-def test_tied_head_is_written_out_for_gpt_oss_and_qwen3_next(tmp_path, family):
-    from tests.gpt_oss_fixtures import make_gpt_oss
-    from tests.hybrid_fixtures import make_hybrid
+def test_tied_head_is_written_out_for_gpt_oss_and_qwen3_next(tmp_path, input_ids, family):
+    from moesurgery.runtime.model import Runtime
+    from tests.gpt_oss_fixtures import gpt_oss_logits, make_gpt_oss
+    from tests.hybrid_fixtures import hybrid_logits, make_hybrid
 
     src = tmp_path / "src"
     make_gpt_oss(src, tie_word_embeddings=True) if family == "gpt_oss" else make_hybrid(family, src, tie_word_embeddings=True)
@@ -151,3 +155,6 @@ def test_tied_head_is_written_out_for_gpt_oss_and_qwen3_next(tmp_path, family):
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     r = CheckpointReader(tmp_path / "o")
     assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
+    logits = gpt_oss_logits if family == "gpt_oss" else hybrid_logits  # transformers, the family's own class
+    assert rel_err(logits(tmp_path / "o", input_ids), logits(src, input_ids)) < 1e-5
+    assert rel_err(Runtime(open_model(tmp_path / "o").model).forward(input_ids), logits(src, input_ids)) < 1e-5
