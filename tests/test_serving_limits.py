@@ -125,13 +125,20 @@ def test_tied_head_is_written_out_where_the_engine_does_not_tie(checkpoint, inpu
         upcycle(src, tmp_path / "o", granularity=2, experts=4, top_k=4, to=to)
     else:
         convert(src, tmp_path / "o", to)
-    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
-    r = CheckpointReader(tmp_path / "o")
-    assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
-    assert rel_err(reference_logits(tmp_path / "o", input_ids), reference_logits(src, input_ids)) < 1e-5
+    assert_head_written_out(tmp_path / "o", src, input_ids, reference_logits)
+
+
+def assert_head_written_out(out, src, input_ids, logits):
+    """`out` carries the tied head as its own tensor with the config untied, and computes `src`'s logits in
+    transformers (`logits`, the family's own class) and in our runtime."""
     from moesurgery.runtime.model import Runtime
 
-    assert rel_err(Runtime(open_model(tmp_path / "o").model).forward(input_ids), reference_logits(src, input_ids)) < 1e-5
+    cfg = json.loads((out / "config.json").read_text())
+    r = CheckpointReader(out)
+    assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
+    expected = logits(src, input_ids)
+    assert rel_err(logits(out, input_ids), expected) < 1e-5
+    assert rel_err(Runtime(open_model(out).model).forward(input_ids), expected) < 1e-5
 
 
 def test_no_stale_expert_count_in_the_config(checkpoint, tmp_path):
@@ -145,16 +152,10 @@ def test_no_stale_expert_count_in_the_config(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen3_next"])
 def test_tied_head_is_written_out_for_gpt_oss_and_qwen3_next(tmp_path, input_ids, family):
-    from moesurgery.runtime.model import Runtime
     from tests.gpt_oss_fixtures import gpt_oss_logits, make_gpt_oss
     from tests.hybrid_fixtures import hybrid_logits, make_hybrid
 
     src = tmp_path / "src"
     make_gpt_oss(src, tie_word_embeddings=True) if family == "gpt_oss" else make_hybrid(family, src, tie_word_embeddings=True)
     convert(src, tmp_path / "o", family)
-    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
-    r = CheckpointReader(tmp_path / "o")
-    assert cfg["tie_word_embeddings"] is False and torch.equal(r.get("lm_head.weight"), r.get("model.embed_tokens.weight"))
-    logits = gpt_oss_logits if family == "gpt_oss" else hybrid_logits  # transformers, the family's own class
-    assert rel_err(logits(tmp_path / "o", input_ids), logits(src, input_ids)) < 1e-5
-    assert rel_err(Runtime(open_model(tmp_path / "o").model).forward(input_ids), logits(src, input_ids)) < 1e-5
+    assert_head_written_out(tmp_path / "o", src, input_ids, gpt_oss_logits if family == "gpt_oss" else hybrid_logits)
