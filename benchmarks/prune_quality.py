@@ -10,7 +10,11 @@ coactivation partition + fitted router, layer 0 dense, 2 shared + top-6 of 14 ro
 (coarse: 14 -> 10 / 7; fine: 56 -> 42 / 28), by every method; held-out perplexity (pydoc topics disjoint
 from the calibration text, 8 x 256 tokens) against the unreduced MoE.
 
-    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe coarse fine] [--methods ...]
+    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe coarse fine balanced trained] [--methods ...]
+
+`balanced`: the coarse split in glm4_moe's layout with its selection biases set for equal loads; `trained`: that
+split's routers sharpened, balanced and then trained end to end (next-token loss, DeepSeek-V3's bias updates
+keeping the loads even): the nearest to a trained, load-balanced MoE that 2 CPU cores make (`train_router`).
 
 Targets (issue #13): REAP beats frequency and random at both fractions; merging beats pruning at 50%.
 Rows: prune by reap (REAP's mean), output (REAP summed over tokens), frequency, random; merge (the default:
@@ -50,11 +54,9 @@ def balance(path: Path, out: Path, text: str, tokens: int, steps: int = 400) -> 
     routed expert gets the same share of the calibration tokens, as trained MoEs are kept balanced (DeepSeek-V3's
     auxiliary-loss-free update: b_e += step * sign(mean load - load_e), on each layer's own streamed inputs, the
     balanced layers below feeding the next). Written as a copy of `path` with only the bias tensors changed."""
-    import shutil
     from dataclasses import replace
 
     import torch
-    from safetensors.torch import load_file, save_file
 
     from moesurgery.calibration import chunk, ffn_inputs, tokenize
     from moesurgery.canonical import MoE
@@ -87,21 +89,91 @@ def balance(path: Path, out: Path, text: str, tokens: int, steps: int = 400) -> 
             step = stream.send(replacement)
         except StopIteration:
             step = None
+    rewrite(path, out, biases)
+    return {"max_over_mean_load": max(spread), "layers": len(spread)}
+
+
+def load_spread(path: Path, text: str, tokens: int) -> dict:
+    """How balanced `path`'s routing is on `text` (inspect's routing statistics): busiest expert / mean, over layers."""
+    from moesurgery.calibration import chunk, tokenize
+    from moesurgery.model_io import open_model
+    from moesurgery.routing import routing_statistics
+
+    model = open_model(path).model
+    layers = routing_statistics(model, chunk(tokenize(path, text, model.arch.vocab_size), 256, tokens))
+    spread = [s["max_over_mean"] for s in layers.values()]
+    return {"max_over_mean_load": max(spread), "mean_over_layers": sum(spread) / len(spread)}
+
+
+def rewrite(path: Path, out: Path, replaced: dict) -> None:
+    """A copy of checkpoint `path` at `out` with the tensors named in `replaced` (name -> tensor) changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(path, out)
     for shard in out.glob("*.safetensors"):
         tensors = load_file(shard)
-        hit = {k: biases[k].to(tensors[k].dtype) for k in tensors if k in biases}
+        hit = {k: replaced[k].to(tensors[k].dtype).contiguous() for k in tensors if k in replaced}
         if hit:
             save_file({**tensors, **hit}, shard, metadata={"format": "pt"})
-    return {"max_over_mean_load": max(spread), "layers": len(spread)}
+
+
+def sharpen(path: Path, out: Path, factor: float) -> None:
+    """`path` with its router rows times `factor`. A split's router logits are squeezed into +-0.02 so the chosen
+    experts get equal weights; a trained router's are not, and its selection biases need scores that differ."""
+    from moesurgery.reader import CheckpointReader
+
+    r = CheckpointReader(path)
+    rewrite(path, out, {k: r.get(k).float() * factor for k in r.keys() if k.endswith("mlp.gate.weight")})
+
+
+def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int = 4, lr: float = 1e-4, gamma: float = 1e-3) -> dict:
+    """`path` (glm4_moe) with its routers trained end to end: next-token loss on `text` (256-token sequences,
+    `batch` per step, Adam on the router rows only, in transformers' own class), while the selection biases
+    follow DeepSeek-V3's auxiliary-loss-free update (b_e += gamma * sign(mean load - load_e) after every step).
+    A trained, load-balanced MoE, as far as 2 CPU cores allow: its experts stay the split's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moesurgery.calibration import chunk, tokenize
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train()
+    gates = {n: m for n, m in model.named_modules() if hasattr(m, "e_score_correction_bias")}
+    model.requires_grad_(False)
+    loads = {}
+    for name, gate in gates.items():
+        gate.weight.requires_grad_(True)  # the router returns (logits, weights, indices [T, k])
+        gate.register_forward_hook(lambda mod, _, out, name=name: loads.__setitem__(name, torch.bincount(out[2].flatten(), minlength=mod.num_experts)))
+    ids = chunk(tokenize(path, text, model.config.vocab_size), 256, 10**9)  # [S, 256]: all of it
+    opt = torch.optim.Adam([g.weight for g in gates.values()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        x = ids[torch.randint(0, ids.shape[0], (batch,))]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        with torch.no_grad():
+            for name, gate in gates.items():
+                load = loads[name].float()
+                gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+    state = {f"{n}.{k}": t.detach() for n, g in gates.items() for k, t in (("weight", g.weight), ("e_score_correction_bias", g.e_score_correction_bias))}
+    rewrite(path, out, state)
+    return {"steps": steps, "tokens_per_step": batch * 256, "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
-    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "balanced"],
-                    help="which MoEs to reduce (balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads)")
+    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "balanced", "trained"],
+                    help="which MoEs to reduce (balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
+                         "trained: that split's routers trained end to end with balancing biases, see train_router)")
+    ap.add_argument("--train-steps", type=int, default=120, help="router training steps of the trained MoE (4 x 256 tokens each)")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *MERGES], choices=[*METHODS, *MERGES], help="which rows to run")
     args = ap.parse_args()
     from tests.real_model import smollm2_checkpoint
@@ -118,12 +190,21 @@ def main() -> None:
         split_experts(coarse, fine, granularity=4)
         print(f"splits: {time.time() - t:.0f} s", flush=True)
         moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
-        if "balanced" in args.moe:  # a trained MoE's loads are balanced; the fitted router's are not
-            biased, balanced = tmp / "biased", tmp / "balanced"
+        if {"balanced", "trained"} & set(args.moe):  # a trained MoE's loads are balanced; the fitted router's are not
+            biased = tmp / "biased"
             split_experts(dense, biased, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
                           first_k_dense=1, to="glm4_moe", allow_lossy=True)
-            print(json.dumps({"balanced": balance(biased, balanced, cal, args.calibration_tokens)}), flush=True)
-            moes.append(("balanced", balanced, 14, 6))
+        if "balanced" in args.moe:
+            print(json.dumps({"balanced": balance(biased, tmp / "balanced", cal, args.calibration_tokens)}), flush=True)
+            moes.append(("balanced", tmp / "balanced", 14, 6))
+        if "trained" in args.moe:  # the biased split's routers sharpened, balanced, then trained end to end with the biases
+            sharpen(biased, tmp / "sharp", 50.0)
+            print(json.dumps({"trained, balanced first": balance(tmp / "sharp", tmp / "sharp-balanced", cal, args.calibration_tokens)}), flush=True)
+            t = time.time()
+            print(json.dumps({"trained": train_router(tmp / "sharp-balanced", tmp / "trained", cal, steps=args.train_steps), "seconds": time.time() - t}), flush=True)
+            print(json.dumps({"trained, loads": load_spread(tmp / "trained", cal, args.calibration_tokens),
+                              "coarse split, loads": load_spread(biased, cal, args.calibration_tokens)}), flush=True)
+            moes.append(("trained", tmp / "trained", 14, 6))
         base = {name: held_out_ppl(path, path) for name, path, _, _ in moes if name in args.moe}
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
