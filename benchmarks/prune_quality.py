@@ -89,7 +89,7 @@ def balance(path: Path, out: Path, text: str, tokens: int, steps: int = 400) -> 
             step = stream.send(replacement)
         except StopIteration:
             step = None
-    rewrite(path, out, biases)
+    rewrite(path, out, lambda k, _: biases.get(k))
     return {"max_over_mean_load": max(spread), "layers": len(spread)}
 
 
@@ -105,8 +105,8 @@ def load_spread(path: Path, text: str, tokens: int) -> dict:
     return {"max_over_mean_load": max(spread), "mean_over_layers": sum(spread) / len(spread)}
 
 
-def rewrite(path: Path, out: Path, replaced: dict) -> None:
-    """A copy of checkpoint `path` at `out` with the tensors named in `replaced` (name -> tensor) changed."""
+def rewrite(path: Path, out: Path, change) -> None:
+    """A copy of checkpoint `path` at `out`, every tensor t named k replaced by change(k, t) where that is not None."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -114,7 +114,7 @@ def rewrite(path: Path, out: Path, replaced: dict) -> None:
     shutil.copytree(path, out)
     for shard in out.glob("*.safetensors"):
         tensors = load_file(shard)
-        hit = {k: replaced[k].to(tensors[k].dtype).contiguous() for k in tensors if k in replaced}
+        hit = {k: new.to(t.dtype).contiguous() for k, t in tensors.items() if (new := change(k, t)) is not None}
         if hit:
             save_file({**tensors, **hit}, shard, metadata={"format": "pt"})
 
@@ -122,10 +122,7 @@ def rewrite(path: Path, out: Path, replaced: dict) -> None:
 def sharpen(path: Path, out: Path, factor: float) -> None:
     """`path` with its router rows times `factor`. A split's router logits are squeezed into +-0.02 so the chosen
     experts get equal weights; a trained router's are not, and its selection biases need scores that differ."""
-    from moesurgery.reader import CheckpointReader
-
-    r = CheckpointReader(path)
-    rewrite(path, out, {k: r.get(k).float() * factor for k in r.keys() if k.endswith("mlp.gate.weight")})
+    rewrite(path, out, lambda k, t: t.float() * factor if k.endswith("mlp.gate.weight") else None)
 
 
 def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int = 4, lr: float = 1e-4, gamma: float = 1e-3) -> dict:
@@ -162,7 +159,7 @@ def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int 
                 load = loads[name].float()
                 gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
     state = {f"{n}.{k}": t.detach() for n, g in gates.items() for k, t in (("weight", g.weight), ("e_score_correction_bias", g.e_score_correction_bias))}
-    rewrite(path, out, state)
+    rewrite(path, out, lambda k, _: state.get(k))
     return {"steps": steps, "tokens_per_step": batch * 256, "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10}
 
 
@@ -184,12 +181,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
         coarse, fine = tmp / "coarse", tmp / "fine"
-        t = time.time()
-        split_experts(dense, coarse, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
-                      first_k_dense=1, to="deepseek", allow_lossy=True)
-        split_experts(coarse, fine, granularity=4)
-        print(f"splits: {time.time() - t:.0f} s", flush=True)
-        moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
+        moes = []
+        if {"coarse", "fine"} & set(args.moe):  # the fine MoE is the coarse one's exact 4x finer split
+            t = time.time()
+            split_experts(dense, coarse, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
+                          first_k_dense=1, to="deepseek", allow_lossy=True)
+            split_experts(coarse, fine, granularity=4)
+            print(f"splits: {time.time() - t:.0f} s", flush=True)
+            moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
         if {"balanced", "trained"} & set(args.moe):  # a trained MoE's loads are balanced; the fitted router's are not
             biased = tmp / "biased"
             split_experts(dense, biased, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
