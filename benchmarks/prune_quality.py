@@ -11,6 +11,7 @@ coactivation partition + fitted router, layer 0 dense, 2 shared + top-6 of 14 ro
 from the calibration text, 8 x 256 tokens) against the unreduced MoE.
 
     python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe coarse fine balanced trained] [--methods ...]
+        [--train-steps 120] [--fractions 0.25 0.5] [--workdir DIR]
 
 `balanced`: the coarse split in glm4_moe's layout with its selection biases set for equal loads; `trained`: that
 split's routers sharpened, balanced and then trained end to end (next-token loss, DeepSeek-V3's bias updates
@@ -40,7 +41,8 @@ from moesurgery.verify import verify  # noqa: E402
 
 METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
 MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default: centres ranked as `output` prunes
-          "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
+          "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),
+          "merge-reap": dict(method="select", grouping="dominant", centres="reap"),  # centres as REAP prunes  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
           "merge-hcsmoe": dict(method="frequency", grouping="hierarchical")}  # HC-SMoE: average-linkage, frequency-weighted mean
 
 
@@ -111,6 +113,7 @@ def rewrite(path: Path, out: Path, change) -> None:
 
     from safetensors.torch import load_file, save_file
 
+    shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(path, out)
     for shard in out.glob("*.safetensors"):
         tensors = load_file(shard)
@@ -171,6 +174,8 @@ def main() -> None:
                     help="which MoEs to reduce (balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
                          "trained: that split's routers trained end to end with balancing biases, see train_router)")
     ap.add_argument("--train-steps", type=int, default=120, help="router training steps of the trained MoE (4 x 256 tokens each)")
+    ap.add_argument("--workdir", type=Path, help="build the MoEs here and reuse those built there before (default: a temporary directory)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="shares of the routed experts removed")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *MERGES], choices=[*METHODS, *MERGES], help="which rows to run")
     args = ap.parse_args()
     from tests.real_model import smollm2_checkpoint
@@ -178,39 +183,44 @@ def main() -> None:
     dense = Path(smollm2_checkpoint())
     cal = calibration_text()
     rows = []
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
+        tmp = args.workdir or Path(scratch)  # with --workdir the MoEs built there before are reused
+        tmp.mkdir(parents=True, exist_ok=True)
+        built = lambda p: (p / "config.json").exists()  # noqa: E731
         coarse, fine = tmp / "coarse", tmp / "fine"
         moes = []
-        if {"coarse", "fine"} & set(args.moe):  # the fine MoE is the coarse one's exact 4x finer split
+        if {"coarse", "fine"} & set(args.moe) and not built(fine):  # the fine MoE is the coarse one's exact 4x finer split
             t = time.time()
             split_experts(dense, coarse, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
                           first_k_dense=1, to="deepseek", allow_lossy=True)
             split_experts(coarse, fine, granularity=4)
             print(f"splits: {time.time() - t:.0f} s", flush=True)
+        if {"coarse", "fine"} & set(args.moe):
             moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
-        if {"balanced", "trained"} & set(args.moe):  # a trained MoE's loads are balanced; the fitted router's are not
-            biased = tmp / "biased"
+        biased, trained = tmp / "biased", tmp / f"trained-{args.train_steps}"
+        if {"balanced", "trained"} & set(args.moe) and not built(biased):  # a trained MoE's loads are balanced; the fitted router's are not
             split_experts(dense, biased, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,
                           first_k_dense=1, to="glm4_moe", allow_lossy=True)
-        if "balanced" in args.moe:
+        if "balanced" in args.moe and not built(tmp / "balanced"):
             print(json.dumps({"balanced": balance(biased, tmp / "balanced", cal, args.calibration_tokens)}), flush=True)
+        if "balanced" in args.moe:
             moes.append(("balanced", tmp / "balanced", 14, 6))
-        if "trained" in args.moe:  # the biased split's routers sharpened, balanced, then trained end to end with the biases
-            sharpen(biased, tmp / "sharp", 50.0)
+        if "trained" in args.moe and not built(trained):  # the biased split's routers sharpened, balanced, then trained end to end
+            sharpen(biased, tmp / "sharp", 50.0)  # (sharp-balanced is rebuilt: a few minutes)
             print(json.dumps({"trained, balanced first": balance(tmp / "sharp", tmp / "sharp-balanced", cal, args.calibration_tokens)}), flush=True)
             t = time.time()
-            print(json.dumps({"trained": train_router(tmp / "sharp-balanced", tmp / "trained", cal, steps=args.train_steps), "seconds": time.time() - t}), flush=True)
-            print(json.dumps({"trained, loads": load_spread(tmp / "trained", cal, args.calibration_tokens),
+            print(json.dumps({"trained": train_router(tmp / "sharp-balanced", trained, cal, steps=args.train_steps), "seconds": time.time() - t}), flush=True)
+            print(json.dumps({"trained, loads": load_spread(trained, cal, args.calibration_tokens),
                               "coarse split, loads": load_spread(biased, cal, args.calibration_tokens)}), flush=True)
-            moes.append(("trained", tmp / "trained", 14, 6))
+        if "trained" in args.moe:
+            moes.append(("trained", trained, 14, 6))
         base = {name: held_out_ppl(path, path) for name, path, _, _ in moes if name in args.moe}
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
         for name, path, E, k in moes:
             if name not in args.moe:
                 continue
-            for share in (0.25, 0.5):
+            for share in args.fractions:
                 keep = max(k, E - round(share * E))
                 for method in args.methods:
                     out = tmp / f"{name}-{share}-{method}"

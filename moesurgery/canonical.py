@@ -14,6 +14,21 @@ from typing import Literal, Union
 from .lazy import Lazy
 
 
+def checked_hash_table(t: Lazy, experts: int) -> Lazy:
+    """A hash layer's token -> experts table [V, k] that checks, whenever it is read (by the writer, the runtime or
+    a surgery), that every entry names one of the layer's `experts`: a bad table is bad input, not a copied one."""
+    def load():
+        table = t.load()
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= experts):
+            from .errors import BadInputError
+
+            bad = int(table.max()) if int(table.max()) >= experts else int(table.min())
+            raise BadInputError(f"{t.origin or 'tid2eid'}: a token is routed to expert {bad}, but the layer has {experts} experts")
+        return table
+
+    return Lazy(t.shape, t.dtype, load, origin=t.origin)
+
+
 @dataclass(slots=True)
 class SwiGLU:
     """down(silu(gate x) * up x): a dense FFN, one expert, or the (concatenated) shared experts.

@@ -281,3 +281,32 @@ def test_hash_table_naming_a_missing_expert_refused(v4, tmp_path):
     save_file(state, str(shard))
     with pytest.raises(BadInputError, match="routed to expert 99, but the layer has 4 experts"):
         Runtime(open_model(tmp_path / "bad").model).forward(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_hash_table_naming_a_missing_expert_refused_by_convert(v4, tmp_path):
+    """convert copied a table routing tokens to expert 10000 (only the runtime checked it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(v4(), tmp_path / "bad")
+    (shard,) = sorted((tmp_path / "bad").glob("*.safetensors"))
+    state = load_file(str(shard))
+    key = next(k for k in state if k.endswith("tid2eid"))
+    state[key][0, 0] = 10_000
+    save_file(state, str(shard))
+    with pytest.raises(BadInputError, match="routed to expert 10000, but the layer has 4 experts"):
+        convert(tmp_path / "bad", tmp_path / "out", "deepseek_v4")  # checked where the table is read: here by the writer
+    assert not (tmp_path / "out").exists()
+
+
+def test_attention_tensors_that_do_not_fit_the_config_are_bad_input(v4, tmp_path):
+    """head_dim one more than the attention tensors hold crashed the runtime (exit 1, a reshape error)."""
+    import shutil
+
+    shutil.copytree(v4(), tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+    cfg["head_dim"] += 1
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match=r"model\.layers\.0: its attention tensors do not fit config\.json's dimensions"):
+        Runtime(open_model(tmp_path / "bad").model).forward(torch.zeros(1, 4, dtype=torch.long))

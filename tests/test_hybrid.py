@@ -186,3 +186,18 @@ def test_gqa_models_do_not_become_hybrids(checkpoint, tmp_path):
 
 def test_native_class_loads_what_transformers_saved(hybrid):
     load_hybrid(hybrid("qwen3_5_moe-fused"))  # the fixture itself is valid (fused experts + MTP head)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_moe"])
+def test_head_dim_the_attention_tensors_do_not_have_is_refused(hybrid, tmp_path, family):
+    """head_dim one more than the gated attention's tensors: inspect and convert accepted it, verify crashed (exit 1)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hybrid(family), src)
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    text["head_dim"] += 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match=r"layers\.1\.self_attn\.q_proj\.weight: shape \[256, 64\], expected \[264, 64\]"):
+        open_model(src)

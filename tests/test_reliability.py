@@ -204,6 +204,50 @@ def test_fewer_layers_in_config_than_checkpoint_is_an_error(capsys, tmp_path, mi
     assert not (tmp_path / "o").exists()
 
 
+def test_integer_weight_is_refused(capsys, tmp_path, mixtral):
+    """An expert weight stored as int32 (no quantized form declared) was read as a weight by every command."""
+    state = load_file(mixtral / SINGLE_NAME)
+    key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    state[key] = state[key].to(torch.int32)
+    save_file(state, mixtral / SINGLE_NAME, metadata={"format": "pt"})
+    for command in (["inspect", mixtral], ["convert", mixtral, tmp_path / "o", "--to", "mixtral"], ["verify", mixtral, mixtral]):
+        one_error(run(capsys, *command), 3, key, "dtype int32", "floating point")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family,field,value,message", [
+    ("qwen2", "layer_types", lambda cfg: cfg["layer_types"][:-1], "layer_types lists"),  # transformers refuses the config
+    ("qwen2_moe", "mlp_only_layers", lambda cfg: [99], "mlp_only_layers must list layer indices below"),
+    ("qwen2_moe", "mlp_only_layers", lambda cfg: ["0"], "mlp_only_layers must list layer indices below"),
+    ("deepseek_v3", "routed_scaling_factor", lambda cfg: -1.0, "routed scaling factor must be positive"),
+    ("deepseek_v3", "routed_scaling_factor", lambda cfg: 0, "routed scaling factor must be positive"),
+])
+def test_config_values_that_cannot_hold_are_refused(capsys, tmp_path, checkpoint, family, field, value, message):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint(family), src)
+    cfg = json.loads((src / "config.json").read_text())
+    edit_config(src, **{field: value(cfg)})
+    capsys.readouterr()  # the fixture's build
+    for command in (["inspect", src], ["convert", src, tmp_path / "o", "--to", family]):
+        one_error(run(capsys, *command), 3, field.split("_")[0], message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_decoder_layer_past_num_hidden_layers_is_not_taken_for_mtp(capsys, tmp_path, checkpoint):
+    """DeepSeek-V3's num_nextn_predict_layers = 1 made a decoder layer past a shortened num_hidden_layers pass as the
+    multi-token-prediction layer (accepted by every command; a pruned output kept its old experts)."""
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("deepseek_v3"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg.get("num_nextn_predict_layers", 1) == 1
+    edit_config(src, num_hidden_layers=cfg["num_hidden_layers"] - 1)
+    last = cfg["num_hidden_layers"] - 1
+    capsys.readouterr()  # the fixture's build
+    for command in (["inspect", src], ["convert", src, tmp_path / "o", "--to", "deepseek_v3"], ["prune-experts", src, tmp_path / "o", "--keep", "3"]):
+        one_error(run(capsys, *command), 3, f"layer {last}", "no multi-token-prediction layer")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("field,value", [("num_hidden_layers", "four"), ("hidden_size", 64.5), ("num_local_experts", True),
                                          ("rope_theta", "big"), ("num_experts_per_tok", [2])])
 def test_non_integer_field_names_the_field(capsys, mixtral, field, value):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..canonical import SILU, Activation, Arch, Layer, Model, MoE, Router, SwiGLU
+from ..canonical import SILU, Activation, Arch, Layer, Model, MoE, Router, SwiGLU, checked_hash_table
 from ..errors import BadInputError
 from ..lazy import Lazy, cat, stack
 from ..reader import CheckpointReader
@@ -123,6 +123,8 @@ def moe_schedule(cfg: dict, num_layers: int, kind: str) -> list[bool]:
     if kind == "qwen":
         step = get_int(cfg, "decoder_sparse_step", 1) or 1
         only = cfg.get("mlp_only_layers") or []
+        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in only):
+            raise BadInputError(f"config.json: mlp_only_layers must list layer indices below {num_layers} (num_hidden_layers), not {only!r}")
         return [i not in only and (i + 1) % step == 0 for i in range(num_layers)]
     if kind == "ernie":
         start = get_int(cfg, "moe_layer_start_index", 0) or 0
@@ -236,6 +238,10 @@ class Layout:
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise BadInputError(f"config.json: num_attention_heads ({heads}) is not a positive multiple of num_key_value_heads ({kv_heads})")
         theta, scaling, partial = read_rope(cfg, self.default_rope_theta, self.default_partial_rotary)
+        layers = need_int(cfg, "num_hidden_layers", f)
+        for key, value in cfg.items():  # per-layer lists (layer_types, mlp_layer_types, ...): transformers refuses other lengths
+            if key.endswith("layer_types") and isinstance(value, list) and len(value) != layers:
+                raise BadInputError(f"config.json: {key} lists {len(value)} layers, num_hidden_layers is {layers}")
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range") if k in cfg}
         return Arch(
@@ -304,6 +310,11 @@ class Layout:
                 by_layer.setdefault(int(m.group(1)), []).append(m.group(2))
         mtp = get_int(cfg, "num_nextn_predict_layers", 0) or 0  # DeepSeek-V3 / GLM: layers past the decoder
         beyond = sorted(i for i in by_layer if i >= arch.num_layers + mtp)
+        not_mtp = [i for i in by_layer if arch.num_layers <= i < arch.num_layers + mtp and "eh_proj.weight" not in by_layer[i]]
+        if not_mtp:  # an MTP layer joins embedding and hidden state (enorm, hnorm, eh_proj); a decoder layer does not
+            i = min(not_mtp)
+            raise BadInputError(f"checkpoint has tensors for layer {i} (e.g. model.layers.{i}.{by_layer[i][0]}) but config.json says "
+                                f"num_hidden_layers = {arch.num_layers}, and layer {i} is no multi-token-prediction layer (no eh_proj)")
         if beyond:
             raise BadInputError(f"checkpoint has tensors for layer {beyond[0]} (e.g. model.layers.{beyond[0]}.{by_layer[beyond[0]][0]}) "
                                 f"but config.json says num_hidden_layers = {arch.num_layers}" + (f" (+{mtp} multi-token-prediction)" if mtp else ""))
@@ -368,6 +379,8 @@ class Layout:
             bias = bias.reshape(bias.numel)
         logit_bias = take(prefix + self.router_bias_key) if self.router_bias_key else None
         hashed = take(prefix + self.hash_key) if self.hash_key and prefix + self.hash_key in reader else None
+        if hashed is not None:
+            hashed = checked_hash_table(hashed, spec.num_experts)
         router = Router(**{**spec.router.__dict__, "weight": router_weight, "bias": bias, "logit_bias": logit_bias, "hash_table": hashed})
         if prefix + self.fused_keys[0] in reader:
             experts = self.read_fused_experts(prefix, spec, take)
@@ -388,6 +401,9 @@ class Layout:
         def check(t: Lazy, shape: tuple, what: str):
             if t.shape != tuple(shape):
                 raise BadInputError(f"{t.origin or what}: shape {list(t.shape)}, expected {list(shape)} from config.json")
+            if not t.dtype.is_floating_point:  # quantized forms read as their float values; an integer weight is no weight
+                raise BadInputError(f"{t.origin or what}: dtype {str(t.dtype).removeprefix('torch.')}, a weight must be floating point "
+                                    "(or a quantized form the config declares)")
 
         def check_ffn(f: SwiGLU, width: int):
             check(f.gate, (width, H), "gate_proj")
@@ -399,22 +415,15 @@ class Layout:
         if model.lm_head is not None:
             check(model.lm_head, (a.vocab_size, H), "lm_head.weight")
         dense_width = model.config.get(self.dense_width_key)
-        gqa = {
-            "self_attn.q_proj.weight": (a.num_heads * a.head_dim, H),
-            "self_attn.k_proj.weight": (a.num_kv_heads * a.head_dim, H),
-            "self_attn.v_proj.weight": (a.num_kv_heads * a.head_dim, H),
-            "self_attn.o_proj.weight": (H, a.num_heads * a.head_dim),
-        }
         for layer in model.layers:
             for key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
                 if key not in layer.attn:
                     raise BadInputError(f"model.layers.{layer.index}.{key} is missing")
                 check(layer.attn[key], (H,), f"model.layers.{layer.index}.{key}")
-            if a.attention == "gqa":
-                for key, shape in gqa.items():
-                    if key not in layer.attn:
-                        raise BadInputError(f"model.layers.{layer.index}.{key} is missing")
-                    check(layer.attn[key], shape, f"model.layers.{layer.index}.{key}")
+            for key, shape in self.attention_shapes(a, layer.index).items():
+                if key not in layer.attn:
+                    raise BadInputError(f"model.layers.{layer.index}.{key} is missing")
+                check(layer.attn[key], shape, f"model.layers.{layer.index}.{key}")
             if isinstance(layer.ffn, SwiGLU):
                 width = dense_width if isinstance(dense_width, int) and not (self.moe and self.dense_layers == "none") else layer.ffn.width
                 check_ffn(layer.ffn, width)
@@ -425,6 +434,8 @@ class Layout:
                 raise BadInputError(f"config.json: layer {layer.index} routes each token to {r.top_k} experts (top-k) of {E}: top-k must be between 1 and {E}")
             if r.n_group < 1 or E % r.n_group or not 1 <= r.topk_group <= r.n_group:
                 raise BadInputError(f"config.json: {E} experts cannot form {r.n_group} groups with {r.topk_group} kept (n_group / topk_group)")
+            if not r.scaling > 0:
+                raise BadInputError(f"config.json: layer {layer.index} scales its routed experts by {r.scaling}: the routed scaling factor must be positive")
             if r.grouped and r.top_k > r.topk_group * (E // r.n_group):
                 raise BadInputError(f"config.json: top-k {r.top_k} is more than the {r.topk_group} kept groups of {E // r.n_group} experts hold")
             check(moe.router.weight, (len(moe.experts), H), "router")
@@ -436,6 +447,15 @@ class Layout:
                 check_ffn(moe.shared, spec.shared_width if spec and spec.shared_width else moe.shared.width)
             if moe.shared_gate is not None:
                 check(moe.shared_gate, (1, H), "shared_expert_gate.weight")
+
+    def attention_shapes(self, a: Arch, index: int) -> dict[str, tuple]:
+        """The attention tensors of layer `index` that validate() checks against the config, with their shapes."""
+        if a.attention != "gqa":
+            return {}
+        return {"self_attn.q_proj.weight": (a.num_heads * a.head_dim, a.hidden_size),
+                "self_attn.k_proj.weight": (a.num_kv_heads * a.head_dim, a.hidden_size),
+                "self_attn.v_proj.weight": (a.num_kv_heads * a.head_dim, a.hidden_size),
+                "self_attn.o_proj.weight": (a.hidden_size, a.num_heads * a.head_dim)}
 
     # ---------------------------------------------------------------- canonical -> checkpoint
     def writes_fused(self, model: Model) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .model import LoadedLayer, Runtime, _load, ffn_forward
+from .model import LoadedLayer, Runtime, _load, ffn_forward, tensors_fit_config
 from .rope import inv_freq_and_scale
 
 
@@ -119,7 +119,8 @@ class DeepseekV4Runtime(Runtime):
         pre, post, comb = self._hc(x, layer, "attn")
         h = self.norm(self._collapse(x, pre), layer.attn["input_layernorm.weight"])  # [B, T, H]
         seqs = cache["seq"] if cache else [None] * h.shape[0]
-        outs, kept = zip(*(self.attend(h[b], layer, seqs[b]) for b in range(h.shape[0])))
+        with tensors_fit_config(layer.index):
+            outs, kept = zip(*(self.attend(h[b], layer, seqs[b]) for b in range(h.shape[0])))
         return self._mix(x, post, comb, torch.stack(outs)), {"seq": list(kept), "len": kept[0]["len"]}
 
     def ffn_input(self, x, layer: LoadedLayer) -> torch.Tensor:

@@ -6,12 +6,14 @@ activations: a model larger than memory runs. Pure torch, no transformers.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..canonical import FFN, SILU, Layer, Model, SwiGLU
+from ..canonical import FFN, SILU, Layer, Model, SwiGLU, checked_hash_table
 from ..lazy import Lazy
 from .attention import gqa_attention, rms_norm
 from .cpu_gemv import linear
@@ -19,6 +21,21 @@ from .moe import MoEWeights, SwiGLUWeights, moe_forward
 from .rope import cos_sin, rope_params
 
 FFNWeights = SwiGLUWeights | MoEWeights
+SHAPE_ERROR = re.compile(r"shape '\[.*\]' is invalid|cannot be multiplied|must match the size|size of tensor a .* must match")
+
+
+@contextlib.contextmanager
+def tensors_fit_config(index: int):
+    """A layer whose tensors cannot compute together (shapes the config's head counts / dims do not give, in
+    an attention kind whose every tensor `validate` does not check) is bad input, named, not a crash."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not SHAPE_ERROR.search(str(e)):
+            raise
+        from ..errors import BadInputError
+
+        raise BadInputError(f"model.layers.{index}: its attention tensors do not fit config.json's dimensions ({str(e).splitlines()[0]})") from None
 
 
 @dataclass
@@ -64,20 +81,14 @@ def load_ffn(ffn: FFN, device="cpu", dtype=torch.float32) -> FFNWeights:
         gate_up=gate_up,
         down=down,
         shared=load_swiglu(ffn.shared, device, dtype, ffn.shared_act) if ffn.shared is not None else None,
-        hash_table=_hash_table(r.hash_table, E, device) if r.hash_table is not None else None,
+        hash_table=hash_table(r.hash_table, E, device) if r.hash_table is not None else None,
         shared_gate=_load(ffn.shared_gate, device, dtype) if ffn.shared_gate is not None else None,
     )
 
 
-def _hash_table(t: Lazy, experts: int, device) -> torch.Tensor:
-    """A hash layer's token -> experts table [V, k], checked: every entry names one of the layer's experts."""
-    table = t.load().to(dtype=torch.int64)
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= experts):
-        from ..errors import BadInputError
-
-        bad = int(table.max()) if int(table.max()) >= experts else int(table.min())
-        raise BadInputError(f"{t.origin or 'tid2eid'}: a token is routed to expert {bad}, but the layer has {experts} experts")
-    return table.to(device)
+def hash_table(t: Lazy, experts: int, device) -> torch.Tensor:
+    """A hash layer's token -> experts table [V, k] (int64), every entry checked to name one of the layer's experts."""
+    return checked_hash_table(t, experts).load().to(device=device, dtype=torch.int64)
 
 
 def cat_bias(a: Lazy, b: Lazy) -> Lazy:
@@ -176,6 +187,10 @@ class Runtime:
     def attention(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         """Pre-norm attention with residual: x -> x + attn(norm(x)). `state` carries what one layer hands
         the next within a forward pass (the sparse-attention choice of GLM-5's shared layers)."""
+        with tensors_fit_config(layer.index):
+            return self._attention(x, layer, positions, rope, cache, state)
+
+    def _attention(self, x, layer: LoadedLayer, positions, rope, cache=None, state: dict | None = None):
         h = self.norm(x, layer.attn["input_layernorm.weight"])
         if self.arch.attention == "hybrid":
             from .gdn import gated_attention, gated_deltanet

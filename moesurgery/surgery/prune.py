@@ -125,7 +125,7 @@ def expert_outputs(h: torch.Tensor, moe: MoE, dtype=torch.float32) -> torch.Tens
 
 
 GROUPINGS = ("dominant", "hierarchical")
-CENTRES = ("output", "frequency")  # the saliencies that may rank experts as cluster centres (grouping dominant)
+CENTRES = ("output", "frequency", "reap")  # the saliencies that may rank experts as cluster centres (grouping dominant)
 
 
 def group_experts(features: torch.Tensor, n: int, rank: torch.Tensor, grouping: str = "dominant") -> list[list[int]]:
