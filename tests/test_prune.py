@@ -134,6 +134,12 @@ def test_merge_dry_run_and_aligned(checkpoint, tmp_path):
     assert 0 <= report["aligned_fit_rel_err"] < 1
 
 
+def test_merge_centres_by_reap_keep_the_experts_reap_ranks_first(checkpoint, tmp_path):
+    """--centres reap: each cluster's centre is its member of highest REAP saliency (the mean over its tokens)."""
+    report = merge_experts(checkpoint("mixtral"), tmp_path / "o", into=2, centres="reap", calibration_tokens=256)
+    assert report["centres"] == "reap" and len(open_model(tmp_path / "o").model.moe_layers()[0].ffn.experts) == 2
+
+
 def test_select_merge_of_identical_experts_keeps_each_neuron_once():
     """Two copies of one expert merged by neuron selection: every neuron kept once, the refit down_proj counts it for
     both, so the merged expert computes the copies' common output."""
