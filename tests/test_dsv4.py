@@ -268,35 +268,32 @@ def test_perplexity_equals_transformers(v4):
     assert ours == pytest.approx(ppl(dsv4_logits(path, ids)), rel=1e-5)
 
 
-def test_hash_table_naming_a_missing_expert_refused(v4, tmp_path):
+def with_bad_hash_entry(source: Path, path: Path, expert: int) -> Path:
+    """A copy of `source` whose first hash table sends token 3 to `expert`."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(v4(), tmp_path / "bad")
-    (shard,) = sorted((tmp_path / "bad").glob("*.safetensors"))
+    shutil.copytree(source, path)
+    (shard,) = sorted(path.glob("*.safetensors"))
     state = load_file(str(shard))
     key = next(k for k in state if k.endswith("tid2eid"))
-    state[key][3, 0] = 99
+    state[key][3, 0] = expert
     save_file(state, str(shard))
+    return path
+
+
+def test_hash_table_naming_a_missing_expert_refused(v4, tmp_path):
+    bad = with_bad_hash_entry(v4(), tmp_path / "bad", 99)
     with pytest.raises(BadInputError, match="routed to expert 99, but the layer has 4 experts"):
-        Runtime(open_model(tmp_path / "bad").model).forward(torch.zeros(1, 4, dtype=torch.long))
+        Runtime(open_model(bad).model).forward(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_hash_table_naming_a_missing_expert_refused_by_convert(v4, tmp_path):
     """convert copied a table routing tokens to expert 10000 (only the runtime checked it)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(v4(), tmp_path / "bad")
-    (shard,) = sorted((tmp_path / "bad").glob("*.safetensors"))
-    state = load_file(str(shard))
-    key = next(k for k in state if k.endswith("tid2eid"))
-    state[key][0, 0] = 10_000
-    save_file(state, str(shard))
+    bad = with_bad_hash_entry(v4(), tmp_path / "bad", 10_000)
     with pytest.raises(BadInputError, match="routed to expert 10000, but the layer has 4 experts"):
-        convert(tmp_path / "bad", tmp_path / "out", "deepseek_v4")  # checked where the table is read: here by the writer
+        convert(bad, tmp_path / "out", "deepseek_v4")  # checked where the table is read: here by the writer
     assert not (tmp_path / "out").exists()
 
 
