@@ -41,8 +41,8 @@ from moesurgery.verify import verify  # noqa: E402
 
 METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
 MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default: centres ranked as `output` prunes
-          "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),
-          "merge-reap": dict(method="select", grouping="dominant", centres="reap"),  # centres as REAP prunes  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
+          "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
+          "merge-reap": dict(method="select", grouping="dominant", centres="reap"),  # centres as REAP prunes
           "merge-hcsmoe": dict(method="frequency", grouping="hierarchical")}  # HC-SMoE: average-linkage, frequency-weighted mean
 
 

@@ -427,7 +427,7 @@ def merge_experts(
     into: int = typer.Option(..., "--into", help="Experts per MoE layer after merging."),
     method: str = typer.Option("select", "--method", help="Merged weights: select (the members' strongest neurons, down_proj refitted to their routed output; the best measured), frequency (frequency-weighted average, HC-SMoE's), aligned (that average, down_proj refitted)."),
     grouping: str = typer.Option("dominant", "--grouping", help="Clusters: dominant (N centre experts (--centres) absorb the rest, by output similarity; M-SMoE's, the best measured) or hierarchical (average-linkage on outputs, HC-SMoE's)."),
-    centres: str = typer.Option("output", "--centres", help="With --grouping dominant, the experts that absorb the rest: output (the most routed output, as prune-experts' default ranks them; the best measured) frequency (the most used, M-SMoE's) or reap (REAP's mean saliency)."),
+    centres: str = typer.Option("output", "--centres", help="With --grouping dominant, the experts that absorb the rest: output (the most routed output, as prune-experts' default ranks them; the best measured), frequency (the most used, M-SMoE's) or reap (REAP's mean saliency)."),
     calibration: Optional[List[str]] = typer.Option(None, "--calibration", help="Text the expert outputs and frequencies are measured on (default pydoc; repeat to mix texts)."),
     calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Calibration tokens."),
     text: Optional[str] = typer.Option(None, "--text", help="Also measure perplexity against the source on this text (a file, or `pydoc` held-out)."),

@@ -247,7 +247,7 @@ class Layout:
         return Arch(
             hidden_size=hidden,
             vocab_size=need_int(cfg, "vocab_size", f),
-            num_layers=need_int(cfg, "num_hidden_layers", f),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=get_int(cfg, "num_key_value_heads", heads),
             head_dim=(get_int(cfg, "head_dim", 0) or hidden // heads),
