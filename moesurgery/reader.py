@@ -112,6 +112,13 @@ class TensorInfo:
         self.key, self.file, self.shape, self.dtype, self.nbytes = key, file, tuple(shape), dtype, nbytes
 
 
+def _check_scale(where: str, scale: TensorInfo) -> None:
+    """A quantized weight's scale is a float (FP8 / INT4) or E8M0 (which torch counts as float); integer scales are
+    another format's, or a corrupted header, and the codecs would cast them."""
+    if not scale.dtype.is_floating_point:
+        raise BadInputError(f"{where}: its scale {scale.key} has dtype {str(scale.dtype).removeprefix('torch.')}, a scale must be floating point")
+
+
 class CheckpointReader:
     """Index of every tensor of a checkpoint directory; tensors are read on demand.
 
@@ -232,6 +239,7 @@ class CheckpointReader:
             if self.tensors[scale_key].shape != want:
                 raise BadInputError(f"{where}: {scale_key} has shape {list(self.tensors[scale_key].shape)}, "
                                     f"expected {list(want)} for {self.fp8_block[0]}x{self.fp8_block[1]} blocks")
+            _check_scale(where, self.tensors[scale_key])
             self.scales[key] = self.tensors[scale_key]
             self.fp8_data[key] = info
             numel = info.shape[0] * info.shape[1]
@@ -281,12 +289,14 @@ class CheckpointReader:
             scale = self.tensors.get(scale_key)
             if scale is None or (len(info.shape) != 2) or scale.shape not in ((), (1,), (info.shape[0],), (info.shape[0], 1)):
                 raise BadInputError(f"{info.file.name}: tensor {key} is float8 without a per-tensor (or per-row) scale {scale_key}")
+            _check_scale(f"{info.file.name}: tensor {key}", scale)
             self.scales[key] = scale
             self.fp8_data[key] = info
             self.tensors[key] = TensorInfo(key, info.file, info.shape, fp8.DEQUANT_DTYPE, info.shape[0] * info.shape[1] * fp8.DEQUANT_DTYPE.itemsize)
             del self.tensors[scale_key]
             act = self.tensors.get(key[: -len("weight")] + "qscale_act")
             if act is not None:  # static activation FP8: kept with the weight's stored form
+                _check_scale(f"{info.file.name}: tensor {key}", act)
                 self.act_scales[key] = act
 
     def _dequantize(self, key: str, w8: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
@@ -315,6 +325,9 @@ class CheckpointReader:
             rows, cols = sc.shape[0], sc.shape[1] * g if len(sc.shape) == 2 else -1
             if p.dtype != torch.int32 or len(p.shape) != 2 or p.shape[0] != rows or p.shape[1] != -(-cols // int4.PACK):
                 raise BadInputError(f"{where}: shape {list(p.shape)} {p.dtype} does not pack {base}{int4.SCALE} {list(sc.shape)} in groups of {g}")
+            _check_scale(where, sc)
+            if sh.dtype.is_floating_point or sh.shape != (2,):
+                raise BadInputError(f"{where}: {sh.key} must hold the weight's [rows, columns] as 2 integers, not {list(sh.shape)} {str(sh.dtype).removeprefix('torch.')}")
             weight = base + "weight"
             self.int4[weight] = (p, sc, sh)
             self.tensors[weight] = TensorInfo(weight, p.file, (rows, cols), int4.DEQUANT_DTYPE, rows * cols * int4.DEQUANT_DTYPE.itemsize)

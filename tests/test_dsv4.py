@@ -298,12 +298,13 @@ def test_hash_table_naming_a_missing_expert_refused_by_convert(v4, tmp_path):
 
 
 def test_attention_tensors_that_do_not_fit_the_config_are_bad_input(v4, tmp_path):
-    """head_dim one more than the attention tensors hold crashed the runtime (exit 1, a reshape error)."""
+    """head_dim one more than the attention tensors hold crashed the runtime (exit 1, a reshape error); every
+    DeepSeek-V4 attention tensor is now checked against the config when the model is read, naming the tensor as stored."""
     import shutil
 
     shutil.copytree(v4(), tmp_path / "bad")
     cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
     cfg["head_dim"] += 1
     (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BadInputError, match=r"model\.layers\.0: its attention tensors do not fit config\.json's dimensions"):
-        Runtime(open_model(tmp_path / "bad").model).forward(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(BadInputError, match=r"model\.layers\.0\.attn\.wq_b\.weight: shape \[128, 16\], expected \[132, 16\] from config\.json"):
+        open_model(tmp_path / "bad")

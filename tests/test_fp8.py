@@ -232,3 +232,16 @@ def test_fp8_form_survives_slices_on_the_grid_and_dequantizes_to_the_slice(rows,
         got = dequantize(part.form.data.load(), part.form.scale_inv.load(), (b0, b1))
         want = (full[r0:r1, c0:c1].float() * factor).to(torch.bfloat16)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=0)
+
+
+def test_integer_block_scales_are_refused(fp8_pair, tmp_path):
+    """An integer scale_inv (another format's, or a corrupted header) was cast to float by the codec and read."""
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_pair[0], bad)
+    shard = next(bad.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("_scale_inv"))
+    tensors[key] = tensors[key].round().to(torch.int32)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match=rf"its scale {key} has dtype int32, a scale must be floating point"):
+        open_model(bad)

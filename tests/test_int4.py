@@ -130,3 +130,24 @@ def test_unsupported_compressed_tensors_formats_are_refused(kimi_int4, tmp_path)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInputError, match="float-quantized"):
         open_model(bad)
+
+
+@pytest.mark.parametrize("part, dtype, match", [("weight_scale", torch.int32, "has dtype int32, a scale must be floating point"),
+                                                ("weight_shape", torch.float32, "must hold the weight's \\[rows, columns\\] as 2 integers")])
+def test_int4_parts_of_the_wrong_kind_are_refused(kimi_int4, tmp_path, part, dtype, match):
+    """Integer scales (or a float weight_shape) were cast by the codec and read as if they were right."""
+    from safetensors.torch import load_file, save_file
+
+    from moesurgery.errors import BadInputError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(kimi_int4, bad)
+    for shard in bad.glob("*.safetensors"):
+        tensors = load_file(shard)
+        hit = [k for k in tensors if k.endswith("." + part)]
+        if hit:
+            tensors[hit[0]] = tensors[hit[0]].to(dtype)
+            save_file(tensors, shard, metadata={"format": "pt"})
+            break
+    with pytest.raises(BadInputError, match=match):
+        open_model(bad)

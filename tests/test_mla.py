@@ -127,3 +127,21 @@ def test_variant_defaults():
     assert resolve_variant(arch, "deepseek_v2") == "deepseek_v2"
     with pytest.raises(ValueError):
         resolve_variant(arch, "llama")
+
+
+@pytest.mark.parametrize("field", ["v_head_dim", "kv_lora_rank", "qk_rope_head_dim", "q_lora_rank"])
+def test_attention_tensors_that_do_not_fit_the_config_are_refused_on_read(field, tmp_path):
+    """MLA's attention tensors are checked against the config when the model is read (only GQA's were): a field
+    that disagrees with the checkpoint is bad input naming the tensor, not a reshape error in the runtime (exit 1)."""
+    import json
+
+    from moesurgery.errors import BadInputError
+    from moesurgery.model_io import open_model
+
+    model, _, _ = build("deepseek_v3", q_lora_rank=24)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] += 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInputError, match=r"model\.layers\.0\.self_attn\.\S+: shape \[\d+(, \d+)?\], expected \[\d+(, \d+)?\] from config\.json"):
+        open_model(tmp_path)

@@ -235,3 +235,21 @@ def test_gqa_fp8_written_natively_in_bf16_with_the_reason(native, tmp_path):
     report = convert(path, tmp_path / "out", "mixtral")
     assert any("written in bf16" in n and "permuted" in n for n in report["notes"]), report["notes"]
     assert "quantization" not in json.loads((tmp_path / "out" / "params.json").read_text())
+
+
+def test_per_tensor_fp8_integer_scale_is_refused(native, tmp_path):
+    """Mistral's qscale_weight of an integer dtype was cast and read; it is no scale this format writes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = native("large3", fp8=True)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    shard = next(bad.glob("consolidated*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("qscale_weight"))
+    tensors[key] = tensors[key].to(torch.int64)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match=rf"its scale {key} has dtype int64, a scale must be floating point"):
+        open_model(bad)

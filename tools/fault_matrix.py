@@ -260,6 +260,15 @@ def t_dtype(t):
     return t
 
 
+def t_int_scale(t):
+    """A float scale of a quantized weight stored as integers (MXFP4's and FP4's uint8 E8M0 scales are integers by design)."""
+    ks = [k for k in t if k.endswith(("_scale_inv", "weight_scale", "qscale_weight")) and t[k].is_floating_point()]
+    if not ks:
+        return False
+    t[ks[0]] = t[ks[0]].float().round().to(torch.int32)
+    return t
+
+
 MUTATIONS = {
     "n_group_bad": ("cfg", m_set("n_group", lambda v, lv: count_of(lv) + 1)),
     "topk_group_bad": ("cfg", m_set("topk_group", lambda v, lv: (lv.get("n_group") or 1) + 1)),
@@ -277,7 +286,7 @@ MUTATIONS = {
     "drop_scale": ("t", t_drop_suffix(("_scale_inv", ".scale", "weight_scale", "_scales", "weight_zero_point"))),
     "drop_blocks": ("t", t_drop_suffix(("_blocks", "weight_packed"))),
     "hash_range": ("t", t_hash_range), "bias_shape": ("t", t_bias_shape), "router_missing": ("t", t_router_missing),
-    "int_dtype": ("t", t_dtype),
+    "int_dtype": ("t", t_dtype), "int_scale": ("t", t_int_scale),
 
     "topk0": ("cfg", m_topk(0)), "topk-1": ("cfg", m_topk(-1)), "topkbig": ("cfg", m_topk("big")),
     "fewer_layers": ("cfg", m_layers), "hidden_str": ("cfg", m_field("64")), "hidden_float": ("cfg", m_field(64.5)),

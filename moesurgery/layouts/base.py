@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention_shapes import attention_shapes
 from ..canonical import SILU, Activation, Arch, Layer, Model, MoE, Router, SwiGLU, checked_hash_table
 from ..errors import BadInputError
 from ..lazy import Lazy, cat, stack
@@ -449,13 +450,10 @@ class Layout:
                 check(moe.shared_gate, (1, H), "shared_expert_gate.weight")
 
     def attention_shapes(self, a: Arch, index: int) -> dict[str, tuple]:
-        """The attention tensors of layer `index` that validate() checks against the config, with their shapes."""
-        if a.attention != "gqa":
-            return {}
-        return {"self_attn.q_proj.weight": (a.num_heads * a.head_dim, a.hidden_size),
-                "self_attn.k_proj.weight": (a.num_kv_heads * a.head_dim, a.hidden_size),
-                "self_attn.v_proj.weight": (a.num_kv_heads * a.head_dim, a.hidden_size),
-                "self_attn.o_proj.weight": (a.hidden_size, a.num_heads * a.head_dim)}
+        """The attention tensors of layer `index` that validate() checks against the config, with their shapes
+        (every attention kind: GQA, MLA (+ indexer), DeepSeek-V4, the hybrid layouts' two kinds; the layer norms apart)."""
+        shapes = attention_shapes(a, index, self.linear_attn_form)
+        return {k: s for k, s in shapes.items() if k not in ("input_layernorm.weight", "post_attention_layernorm.weight")}
 
     # ---------------------------------------------------------------- canonical -> checkpoint
     def writes_fused(self, model: Model) -> bool:

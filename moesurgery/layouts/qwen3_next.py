@@ -40,14 +40,6 @@ class HybridAttention(Layout):
     def read_arch(self, cfg):
         return read_hybrid(self, cfg, super().read_arch(cfg))
 
-    def attention_shapes(self, a, index):
-        if a.layer_types[index] != "full_attention":
-            return {"linear_attn.out_proj.weight": (a.hidden_size, a.linear_attn["nv"] * a.linear_attn["dv"])}
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        return {"self_attn.q_proj.weight": (2 * q, a.hidden_size),  # per head: query | gate
-                "self_attn.k_proj.weight": (kv, a.hidden_size), "self_attn.v_proj.weight": (kv, a.hidden_size),
-                "self_attn.o_proj.weight": (a.hidden_size, q), "self_attn.q_norm.weight": (a.head_dim,), "self_attn.k_norm.weight": (a.head_dim,)}
-
     def attention_config(self, arch):
         la = arch.linear_attn
         return {"head_dim": arch.head_dim, "attention_bias": False, "layer_types": list(arch.layer_types),

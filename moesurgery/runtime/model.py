@@ -26,8 +26,9 @@ SHAPE_ERROR = re.compile(r"shape '\[.*\]' is invalid|cannot be multiplied|must m
 
 @contextlib.contextmanager
 def tensors_fit_config(index: int):
-    """A layer whose tensors cannot compute together (shapes the config's head counts / dims do not give, in
-    an attention kind whose every tensor `validate` does not check) is bad input, named, not a crash."""
+    """A layer whose tensors cannot compute together is bad input, named, not a crash. `validate` checks every
+    attention tensor's shape against the config (attention_shapes.py) when the model is read; this is the fallback
+    for what shapes alone do not catch (a shape error from torch, recognised by its message)."""
     try:
         yield
     except RuntimeError as e:
