@@ -36,9 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine  # noqa: E402
 from moesurgery.operations import merge_experts, prune_experts, split_experts  # noqa: E402
-from moesurgery.texts import calibration_text, heldout_text  # noqa: E402
+from moesurgery.recipes import load_recipe  # noqa: E402
+from moesurgery.texts import builtin_text, calibration_text, heldout_text  # noqa: E402
 from moesurgery.verify import verify  # noqa: E402
 
+RECIPE = load_recipe("smollm2-135m-split-50", "split-experts")  # 4 shared + top-4 of 12 routed experts of 96, glm4_moe
 METHODS = ("reap", "output", "frequency", "random")  # mass ranked exactly as frequency on both MoEs (2026-12-01 run)
 MERGES = {"merge": dict(method="select", grouping="dominant"),  # the default: centres ranked as `output` prunes
           "merge-frequency": dict(method="select", grouping="dominant", centres="frequency"),  # the most used experts as centres (M-SMoE; the default until 2026-12-02)
@@ -170,8 +172,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
-    ap.add_argument("--moe", nargs="+", default=["coarse", "fine"], choices=["coarse", "fine", "balanced", "trained"],
-                    help="which MoEs to reduce (balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
+    ap.add_argument("--moe", nargs="+", default=["recipe", "recipe-fine"], choices=["recipe", "recipe-fine", "coarse", "fine", "balanced", "trained"],
+                    help="which MoEs to reduce (recipe: SmolLM2 split by recipes/smollm2-135m-split-50, recipe-fine: its exact 4x finer split; "
+                         "coarse / fine: the recipe's settings before 2026-12-02 and their 4x finer split; "
+                         "balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
                          "trained: that split's routers trained end to end with balancing biases, see train_router)")
     ap.add_argument("--train-steps", type=int, default=120, help="router training steps of the trained MoE (4 x 256 tokens each)")
     ap.add_argument("--workdir", type=Path, help="build the MoEs here and reuse those built there before (default: a temporary directory)")
@@ -197,6 +201,17 @@ def main() -> None:
             print(f"splits: {time.time() - t:.0f} s", flush=True)
         if {"coarse", "fine"} & set(args.moe):
             moes = [("coarse", coarse, 14, 6), ("fine", fine, 56, 24)]
+        recipe, recipe_fine = tmp / "recipe", tmp / "recipe-fine"
+        if {"recipe", "recipe-fine"} & set(args.moe) and not built(recipe_fine):  # the recipe as written, then 4x finer (exact)
+            options = load_recipe("smollm2-135m-split-50", "split-experts")
+            text = builtin_text(options.pop("calibration"))  # pydoc
+            t = time.time()
+            split_experts(dense, recipe, **options, calibration_text=text, calibration_tokens=args.calibration_tokens, allow_lossy=True)
+            split_experts(recipe, recipe_fine, granularity=4)
+            print(f"recipe splits: {time.time() - t:.0f} s", flush=True)
+        if {"recipe", "recipe-fine"} & set(args.moe):
+            E, k = RECIPE["experts"], RECIPE["top_k"]
+            moes += [("recipe", recipe, E, k), ("recipe-fine", recipe_fine, 4 * E, 4 * k)]
         biased, trained = tmp / "biased", tmp / f"trained-{args.train_steps}"
         if {"balanced", "trained"} & set(args.moe) and not built(biased):  # a trained MoE's loads are balanced; the fitted router's are not
             split_experts(dense, biased, experts=14, top_k=6, shared=2, calibration_text=cal, calibration_tokens=args.calibration_tokens,

@@ -262,7 +262,7 @@ def t_dtype(t):
 
 def t_int_scale(t):
     """A float scale of a quantized weight stored as integers (MXFP4's and FP4's uint8 E8M0 scales are integers by design)."""
-    ks = [k for k in t if k.endswith(("_scale_inv", "weight_scale", "qscale_weight")) and t[k].is_floating_point()]
+    ks = [k for k in t if k.endswith(("_scale_inv", ".scale", "weight_scale", "qscale_weight")) and t[k].is_floating_point()]
     if not ks:
         return False
     t[ks[0]] = t[ks[0]].float().round().to(torch.int32)
