@@ -4,18 +4,20 @@ the only MoEs a package here ships material for.
 
 No trained MoE ships in any package on this machine, so the MoEs are made from SmolLM2-135M-Instruct
 (dense, 30 layers, FFN 1536) by the best measured training-free split (BENCHMARKS.md "quality"):
-coactivation partition + fitted router, layer 0 dense, 2 shared + top-6 of 14 routed experts of 96 neurons
-(recipe smollm2-135m-split-50 before 2026-12-02, which now has 4 shared + top-4 of 12: 50% of the FFN active); and its exact 4x finer split (2 shared + top-24 of
-56 routed experts of 24). Each is reduced by removing 25% and 50% of its routed experts per MoE layer
-(coarse: 14 -> 10 / 7; fine: 56 -> 42 / 28), by every method; held-out perplexity (pydoc topics disjoint
-from the calibration text, 8 x 256 tokens) against the unreduced MoE.
+`recipe` is recipes/smollm2-135m-split-50 as written (coactivation partition + fitted router, layer 0 dense,
+4 shared + top-4 of 12 routed experts of 96 neurons, glm4_moe), `recipe-fine` its exact 4x finer split (the same 384 shared neurons +
+top-16 of 48 routed experts of 24); `coarse` / `fine` are the recipe's settings before 2026-12-02 (2 shared + top-6
+of 14, deepseek) and their 4x finer split. Each is reduced by removing 25% and 50% of its routed experts per MoE
+layer, by every method; held-out perplexity (pydoc topics disjoint from the calibration text, 8 x 256 tokens)
+against the unreduced MoE.
 
-    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe coarse fine balanced trained] [--methods ...]
-        [--train-steps 120] [--fractions 0.25 0.5] [--workdir DIR]
+    python benchmarks/prune_quality.py [--json out.json] [--calibration-tokens 4096] [--moe recipe recipe-fine ...] [--methods ...]
+        [--train-steps 120] [--expert-lr 3e-5] [--fractions 0.25 0.5] [--workdir DIR]
 
 `balanced`: the coarse split in glm4_moe's layout with its selection biases set for equal loads; `trained`: that
 split's routers sharpened, balanced and then trained end to end (next-token loss, DeepSeek-V3's bias updates
-keeping the loads even): the nearest to a trained, load-balanced MoE that 2 CPU cores make (`train_router`).
+keeping the loads even): the nearest to a trained, load-balanced MoE that 2 CPU cores make (`train_router`);
+`recipe-trained`: the recipe's split likewise, its experts trained with its routers (`--expert-lr`).
 
 Targets (issue #13): REAP beats frequency and random at both fractions; merging beats pruning at 50%.
 Rows: prune by reap (REAP's mean), output (REAP summed over tokens), frequency, random; merge (the default:
@@ -130,11 +132,15 @@ def sharpen(path: Path, out: Path, factor: float) -> None:
     rewrite(path, out, lambda k, t: t.float() * factor if k.endswith("mlp.gate.weight") else None)
 
 
-def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int = 4, lr: float = 1e-4, gamma: float = 1e-3) -> dict:
+def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int = 4, lr: float = 1e-4, gamma: float = 1e-3,
+                 expert_lr: float | None = None) -> dict:
     """`path` (glm4_moe) with its routers trained end to end: next-token loss on `text` (256-token sequences,
-    `batch` per step, Adam on the router rows only, in transformers' own class), while the selection biases
-    follow DeepSeek-V3's auxiliary-loss-free update (b_e += gamma * sign(mean load - load_e) after every step).
-    A trained, load-balanced MoE, as far as 2 CPU cores allow: its experts stay the split's."""
+    `batch` per step, Adam, in transformers' own class), while the selection biases follow DeepSeek-V3's
+    auxiliary-loss-free update (b_e += gamma * sign(mean load - load_e) after every step). A trained, load-balanced
+    MoE, as far as 2 CPU cores allow. Only the router rows train, unless `expert_lr` is given: then every MoE
+    layer's experts and shared experts train too (at that rate), so they adapt to the tokens the balance sends them."""
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -149,8 +155,14 @@ def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int 
     for name, gate in gates.items():
         gate.weight.requires_grad_(True)  # the router returns (logits, weights, indices [T, k])
         gate.register_forward_hook(lambda mod, _, out, name=name: loads.__setitem__(name, torch.bincount(out[2].flatten(), minlength=mod.num_experts)))
+    groups = [{"params": [g.weight for g in gates.values()], "lr": lr}]
+    if expert_lr is not None:  # the MoE layers' experts and shared experts (not their routers: above)
+        experts = [t for n, t in model.named_parameters() if ".mlp.experts." in n or ".mlp.shared_experts." in n]
+        for t in experts:
+            t.requires_grad_(True)
+        groups.append({"params": experts, "lr": expert_lr})
     ids = chunk(tokenize(path, text, model.config.vocab_size), 256, 10**9)  # [S, 256]: all of it
-    opt = torch.optim.Adam([g.weight for g in gates.values()], lr=lr)
+    opt = torch.optim.Adam(groups)
     losses = []
     for _ in range(steps):
         x = ids[torch.randint(0, ids.shape[0], (batch,))]
@@ -163,21 +175,31 @@ def train_router(path: Path, out: Path, text: str, steps: int = 120, batch: int 
             for name, gate in gates.items():
                 load = loads[name].float()
                 gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
-    state = {f"{n}.{k}": t.detach() for n, g in gates.items() for k, t in (("weight", g.weight), ("e_score_correction_bias", g.e_score_correction_bias))}
-    rewrite(path, out, lambda k, _: state.get(k))
-    return {"steps": steps, "tokens_per_step": batch * 256, "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10}
+    if expert_lr is None:
+        state = {f"{n}.{k}": t.detach() for n, g in gates.items() for k, t in (("weight", g.weight), ("e_score_correction_bias", g.e_score_correction_bias))}
+        rewrite(path, out, lambda k, _: state.get(k))
+    else:  # most tensors changed: transformers writes the checkpoint, tokenizer files copied beside it
+        shutil.rmtree(out, ignore_errors=True)
+        model.save_pretrained(out)
+        for f in path.iterdir():
+            if f.is_file() and (f.suffix not in (".safetensors", ".json") or f.name.startswith(("tokenizer", "special_tokens"))):
+                shutil.copy(f, out / f.name)
+    return {"steps": steps, "tokens_per_step": batch * 256, "expert_lr": expert_lr,
+            "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
-    ap.add_argument("--moe", nargs="+", default=["recipe", "recipe-fine"], choices=["recipe", "recipe-fine", "coarse", "fine", "balanced", "trained"],
+    ap.add_argument("--moe", nargs="+", default=["recipe", "recipe-fine"], choices=["recipe", "recipe-fine", "recipe-trained", "coarse", "fine", "balanced", "trained"],
                     help="which MoEs to reduce (recipe: SmolLM2 split by recipes/smollm2-135m-split-50, recipe-fine: its exact 4x finer split; "
                          "coarse / fine: the recipe's settings before 2026-12-02 and their 4x finer split; "
                          "balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
-                         "trained: that split's routers trained end to end with balancing biases, see train_router)")
+                         "trained: that split's routers trained end to end with balancing biases, see train_router; "
+                         "recipe-trained: the recipe's split, balanced, its routers and experts trained end to end)")
     ap.add_argument("--train-steps", type=int, default=120, help="router training steps of the trained MoE (4 x 256 tokens each)")
+    ap.add_argument("--expert-lr", type=float, default=3e-5, help="the recipe-trained MoE's expert learning rate (Adam; routers 1e-4)")
     ap.add_argument("--workdir", type=Path, help="build the MoEs here and reuse those built there before (default: a temporary directory)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5], help="shares of the routed experts removed")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *MERGES], choices=[*METHODS, *MERGES], help="which rows to run")
@@ -229,6 +251,21 @@ def main() -> None:
                               "coarse split, loads": load_spread(biased, cal, args.calibration_tokens)}), flush=True)
         if "trained" in args.moe:
             moes.append(("trained", trained, 14, 6))
+        recipe_trained = tmp / f"recipe-trained-{args.train_steps}"
+        if "recipe-trained" in args.moe and not built(recipe_trained):  # the recipe's split sharpened, balanced, then trained
+            if not built(recipe):
+                options = load_recipe("smollm2-135m-split-50", "split-experts")
+                text = builtin_text(options.pop("calibration"))
+                split_experts(dense, recipe, **options, calibration_text=text, calibration_tokens=args.calibration_tokens, allow_lossy=True)
+            sharpen(recipe, tmp / "recipe-sharp", 50.0)
+            print(json.dumps({"recipe-trained, balanced first": balance(tmp / "recipe-sharp", tmp / "recipe-sharp-balanced", cal, args.calibration_tokens)}), flush=True)
+            t = time.time()
+            trained_report = train_router(tmp / "recipe-sharp-balanced", recipe_trained, cal, steps=args.train_steps, expert_lr=args.expert_lr)
+            print(json.dumps({"recipe-trained": trained_report, "seconds": time.time() - t}), flush=True)
+            print(json.dumps({"recipe-trained, loads": load_spread(recipe_trained, cal, args.calibration_tokens),
+                              "recipe split, loads": load_spread(recipe, cal, args.calibration_tokens)}), flush=True)
+        if "recipe-trained" in args.moe:
+            moes.append(("recipe-trained", recipe_trained, RECIPE["experts"], RECIPE["top_k"]))
         base = {name: held_out_ppl(path, path) for name, path, _, _ in moes if name in args.moe}
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
