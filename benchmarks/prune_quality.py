@@ -17,7 +17,8 @@ against the unreduced MoE.
 `balanced`: the coarse split in glm4_moe's layout with its selection biases set for equal loads; `trained`: that
 split's routers sharpened, balanced and then trained end to end (next-token loss, DeepSeek-V3's bias updates
 keeping the loads even): the nearest to a trained, load-balanced MoE that 2 CPU cores make (`train_router`);
-`recipe-trained`: the recipe's split likewise, its experts trained with its routers (`--expert-lr`).
+`recipe-trained`: the recipe's split likewise, its experts trained with its routers (`--expert-lr`);
+`recipe-trained-fine`: that trained MoE's exact 4x finer split (the fine-grained question on trained experts).
 
 Targets (issue #13): REAP beats frequency and random at both fractions; merging beats pruning at 50%.
 Rows: prune by reap (REAP's mean), output (REAP summed over tokens), frequency, random; merge (the default:
@@ -192,12 +193,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
-    ap.add_argument("--moe", nargs="+", default=["recipe", "recipe-fine"], choices=["recipe", "recipe-fine", "recipe-trained", "coarse", "fine", "balanced", "trained"],
+    ap.add_argument("--moe", nargs="+", default=["recipe", "recipe-fine"], choices=["recipe", "recipe-fine", "recipe-trained", "recipe-trained-fine", "coarse", "fine", "balanced", "trained"],
                     help="which MoEs to reduce (recipe: SmolLM2 split by recipes/smollm2-135m-split-50, recipe-fine: its exact 4x finer split; "
                          "coarse / fine: the recipe's settings before 2026-12-02 and their 4x finer split; "
                          "balanced: the coarse split in glm4_moe's layout, its selection biases set for equal loads; "
                          "trained: that split's routers trained end to end with balancing biases, see train_router; "
-                         "recipe-trained: the recipe's split, balanced, its routers and experts trained end to end)")
+                         "recipe-trained: the recipe's split, balanced, its routers and experts trained end to end; "
+                         "recipe-trained-fine: its exact 4x finer split)")
     ap.add_argument("--train-steps", type=int, default=120, help="router training steps of the trained MoE (4 x 256 tokens each)")
     ap.add_argument("--expert-lr", type=float, default=3e-5, help="the recipe-trained MoE's expert learning rate (Adam; routers 1e-4)")
     ap.add_argument("--workdir", type=Path, help="build the MoEs here and reuse those built there before (default: a temporary directory)")
@@ -208,7 +210,7 @@ def main() -> None:
 
     dense = Path(smollm2_checkpoint())
     cal = calibration_text()
-    rows = []
+    rows, built_report = [], {}
     with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
         tmp = args.workdir or Path(scratch)  # with --workdir the MoEs built there before are reused
         tmp.mkdir(parents=True, exist_ok=True)
@@ -252,7 +254,9 @@ def main() -> None:
         if "trained" in args.moe:
             moes.append(("trained", trained, 14, 6))
         recipe_trained = tmp / f"recipe-trained-{args.train_steps}"
-        if "recipe-trained" in args.moe and not built(recipe_trained):  # the recipe's split sharpened, balanced, then trained
+        recipe_trained_fine = tmp / f"recipe-trained-{args.train_steps}-fine"
+        wants_trained = bool({"recipe-trained", "recipe-trained-fine"} & set(args.moe))
+        if wants_trained and not built(recipe_trained):  # the recipe's split sharpened, balanced, then trained
             if not built(recipe):
                 options = load_recipe("smollm2-135m-split-50", "split-experts")
                 text = builtin_text(options.pop("calibration"))
@@ -261,11 +265,15 @@ def main() -> None:
             print(json.dumps({"recipe-trained, balanced first": balance(tmp / "recipe-sharp", tmp / "recipe-sharp-balanced", cal, args.calibration_tokens)}), flush=True)
             t = time.time()
             trained_report = train_router(tmp / "recipe-sharp-balanced", recipe_trained, cal, steps=args.train_steps, expert_lr=args.expert_lr)
-            print(json.dumps({"recipe-trained": trained_report, "seconds": time.time() - t}), flush=True)
+            built_report["recipe-trained"] = {**trained_report, "seconds": time.time() - t}
+            print(json.dumps(built_report), flush=True)
             print(json.dumps({"recipe-trained, loads": load_spread(recipe_trained, cal, args.calibration_tokens),
                               "recipe split, loads": load_spread(recipe, cal, args.calibration_tokens)}), flush=True)
-        if "recipe-trained" in args.moe:
-            moes.append(("recipe-trained", recipe_trained, RECIPE["experts"], RECIPE["top_k"]))
+        if "recipe-trained-fine" in args.moe and not built(recipe_trained_fine):
+            split_experts(recipe_trained, recipe_trained_fine, granularity=4)
+        if wants_trained:
+            E, k = RECIPE["experts"], RECIPE["top_k"]
+            moes += [("recipe-trained", recipe_trained, E, k), ("recipe-trained-fine", recipe_trained_fine, 4 * E, 4 * k)]
         base = {name: held_out_ppl(path, path) for name, path, _, _ in moes if name in args.moe}
         dense_ppl = verify(dense, dense, text=heldout_text(), batch=8, seq_len=256)["perplexity"]["reference"]
         print(json.dumps({"dense": dense_ppl, **base}), flush=True)
@@ -289,7 +297,7 @@ def main() -> None:
                     import shutil
 
                     shutil.rmtree(out)
-    result = {"machine": machine(), "dense_ppl": dense_ppl, "base_ppl": base, "rows": rows}
+    result = {"machine": machine(), "built": built_report, "dense_ppl": dense_ppl, "base_ppl": base, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
