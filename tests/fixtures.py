@@ -63,6 +63,11 @@ _COMMON: dict[str, Any] = dict(
     max_position_embeddings=512,
 )
 
+# The DeepSeek lineage's common MoE shape (layer 0 dense, then 8 routed experts of 32, top-2), and its MLA dims.
+_DEEPSEEK_MOE: dict[str, Any] = dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                     num_experts_per_tok=2, first_k_dense_replace=1)
+_MLA: dict[str, Any] = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
 # Per-family tiny configs (merged over _COMMON, then over the caller's overrides).
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(num_hidden_layers=2, intermediate_size=128),
@@ -102,75 +107,16 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=2,
         norm_topk_prob=False,
     ),
-    "deepseek": dict(
-        num_hidden_layers=3,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        n_shared_experts=2,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        moe_layer_freq=1,
-        norm_topk_prob=True,
-    ),
+    "deepseek": dict(**_DEEPSEEK_MOE, n_shared_experts=2, moe_layer_freq=1, norm_topk_prob=True),
     # DeepSeek-V2-Lite style: MLA without q LoRA, greedy softmax routing, n_group=topk_group=1.
-    "deepseek_v2": dict(
-        num_hidden_layers=3,
-        num_key_value_heads=4,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        n_shared_experts=2,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        topk_method="greedy",
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        norm_topk_prob=False,
-    ),
+    "deepseek_v2": dict(**_DEEPSEEK_MOE, **_MLA, n_shared_experts=2, q_lora_rank=None, topk_method="greedy", n_group=1,
+                        topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
     # DeepSeek-V3 style: MLA with q LoRA, sigmoid + bias, group-limited (4 groups of 2, keep 2).
-    "deepseek_v3": dict(
-        num_hidden_layers=3,
-        num_key_value_heads=4,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-    ),
+    "deepseek_v3": dict(**_DEEPSEEK_MOE, **_MLA, n_shared_experts=1, q_lora_rank=32, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, norm_topk_prob=True),
     # GLM-4.5 style attention (bias, qk-norm, half rotary) and DeepSeek-V3 routing (2 groups of 4, keep 1).
-    "glm4_moe": dict(
-        num_hidden_layers=3,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        attention_bias=True,
-        use_qk_norm=True,
-        partial_rotary_factor=0.5,
-    ),
+    "glm4_moe": dict(**_DEEPSEEK_MOE, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                     attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5),
 }
 
 _MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
