@@ -51,7 +51,7 @@ from moesurgery import calibration as _calibration  # noqa: E402
 from moesurgery.model_io import open_model  # noqa: E402
 from moesurgery.surgery.moefy import activations, build_router, expert_mass  # noqa: E402
 from moesurgery.surgery.partition import active_mask, partition, shared_by_frequency  # noqa: E402
-from moesurgery.texts import APACHE, apache_text, builtin_text, BUILTIN  # noqa: E402
+from moesurgery.texts import APACHE, apache_text, interleave  # noqa: E402
 
 LICENCES = ("GPL-2", "LGPL-2.1", "MPL-2.0", "Artistic", "BSD", "GFDL-1.3", "CC0-1.0")  # no Apache-2.0
 SHARED = {75: 0.25, 50: 0.25}  # share of the FFN's neurons always on, per active fraction (%)
@@ -64,11 +64,9 @@ def licences_text() -> str:
 
 
 def calibration_text(names: list[str]) -> str:
+    """calibration_mix's texts (built-in names, files) and this benchmark's `licences` / `apache`, interleaved."""
     extra = {"licences": licences_text, "apache": apache_text}
-    texts = [builtin_text(n) if n in BUILTIN else extra[n]() if n in extra else _calibration.read_calibration(n) for n in names]
-    from moesurgery.texts import interleave
-
-    return interleave(texts)
+    return interleave([extra[n]() if n in extra else _calibration.calibration_mix([n]) for n in names])
 
 
 # ------------------------------------------------------------------------------ the three levels
@@ -129,11 +127,12 @@ def run(args) -> dict:
     for frac in args.fractions:
         S = int(round(SHARED[frac] * W))
         shared = {i: shared_by_frequency(stats[i][2], S) for i in stats}
+        everyone = torch.arange(W)
+        routed_ids = {i: everyone[~torch.isin(everyone, shared[i])] for i in stats}
         rows.append(measure("neuron oracle", frac, None, lambda i: lambda x, w: sparse_ffn(x, w, frac / 100, shared[i])))
         for width in args.widths:
             if (W - S) % width or (int(frac * W / 100) - S) % width:
                 raise SystemExit(f"--widths {width}: does not divide the {W - S} routed neurons into experts with whole experts active at {frac}%")
-            routed_ids = {i: torch.tensor(sorted(set(range(W)) - set(shared[i].tolist()))) for i in stats}
             N, K = (W - S) // width, (int(frac * W / 100) - S) // width
             groups = {i: partition("coactivation", routed_ids[i], N, active=stats[i][2], mass=stats[i][3], top_k=K, seed=args.seed + i) for i in stats}
             rows.append(measure("expert oracle", frac, width, lambda i: expert_moe(shared[i], groups[i], K, None)))
